@@ -1,0 +1,232 @@
+"""What two or more stages share: JSONL reading with precise errors, sharding, and resumable atomic output.
+
+Every stage reads records {"id": ..., ...} and writes one record per input record. While it runs it
+appends to OUT.partial (flushed per batch); only a complete run renames that to OUT. A rerun keeps the
+complete lines of OUT.partial, skips their ids and appends the rest, so finished work is never lost and a
+later stage never sees a half-written file.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+
+
+class InputError(Exception):
+    """Bad input or settings: reported as one line, exit code 2, no output written."""
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main_guard(main):
+    """Run main(); turn an InputError into a one-line error and exit code 2."""
+    try:
+        main()
+    except InputError as e:
+        fail(str(e))
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+def read_jsonl(path):
+    """Yield (line_number, record) for each non-blank line; every fault names the file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})")
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line, parse_constant=_reject_constant)
+            except (json.JSONDecodeError, ValueError) as e:
+                raise InputError(f"{path}:{n}: malformed JSON ({e})")
+            if not isinstance(rec, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            yield n, rec
+
+
+def _reject_constant(name):
+    # json accepts NaN/Infinity by default; no stage has a use for them.
+    raise ValueError(f"{name} is not allowed")
+
+
+def field(path, n, rec, name, kind):
+    """rec[name], checked to be of type `kind`, or an InputError naming file, line and field."""
+    if name not in rec:
+        raise InputError(f"{path}:{n}: field '{name}' is missing")
+    value = rec[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise InputError(f"{path}:{n}: field '{name}' should be {want}, got {type(value).__name__}")
+    return value
+
+
+def prompt_id(prompt):
+    """A stable id for a record that has none: the first 16 hex digits of the prompt's SHA-1."""
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def load_prompts(source):
+    """[{"id", "prompt"}] from a JSONL file, or from a hub dataset name with a `prompt` column."""
+    if os.path.exists(source) or source.endswith(".jsonl") or source.endswith(".json"):
+        rows = list(read_jsonl(source))
+    else:
+        rows = list(enumerate(_hub_prompts(source), 1))
+    records, seen = [], {}
+    for n, rec in rows:
+        prompt = field(source, n, rec, "prompt", str)
+        if not prompt.strip():
+            raise InputError(f"{source}:{n}: field 'prompt' is empty")
+        rid = rec.get("id", prompt_id(prompt))
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise InputError(f"{source}:{n}: field 'id' should be a string, got {type(rid).__name__}")
+        rid = str(rid)
+        if rid in seen:
+            raise InputError(f"{source}:{n}: field 'id' repeats '{rid}' from line {seen[rid]}")
+        seen[rid] = n
+        records.append({"id": rid, "prompt": prompt})
+    if not records:
+        raise InputError(f"{source}: no records")
+    return records
+
+
+def _hub_prompts(name):
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{name}: not a file, and the `datasets` package that reads hub datasets is missing")
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # the hub raises many types; all mean "cannot read this"
+        raise InputError(f"{name}: not a file and not a readable hub dataset ({type(e).__name__}: {e})".split("\n")[0])
+    if "prompt" not in ds.column_names:
+        raise InputError(f"{name}: hub dataset has no 'prompt' column (columns: {', '.join(ds.column_names)})")
+    for row in ds:
+        yield {k: row[k] for k in ("id", "prompt") if k in row}
+
+
+def check_number(path, n, name, x, lo=-math.inf, hi=math.inf):
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not lo <= x <= hi:
+        raise InputError(f"{path}:{n}: field '{name}' has {x!r}, expected a finite number in [{lo}, {hi}]")
+
+
+# -----------------------------------------------------------------------------
+# sharding
+
+def parse_shard(text):
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r}: expected i/n, e.g. 0/8")
+    if not (n >= 1 and 0 <= i < n):
+        raise InputError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def take_shard(records, shard):
+    """Every record whose position mod n == i: n shards cover every record once, in balanced parts."""
+    i, n = shard
+    return records[i::n]
+
+
+# -----------------------------------------------------------------------------
+# resumable atomic output
+
+def check_paths(inputs, out):
+    """Refuse an output that would overwrite an input, or that cannot be written, before any work."""
+    for p in inputs:
+        if os.path.exists(p) and os.path.abspath(p) == os.path.abspath(out):
+            raise InputError(f"{out}: the output path is the input path; choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the output directory ({e.strerror})")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{out}: the output directory {parent} is not writable")
+
+
+class ResumableWriter:
+    """Appends records to OUT.partial and renames it to OUT on close(); resumes what a killed run wrote.
+
+    `settings` is what made the records (model, seed, K, ...). It is stored in every record under
+    `settings_key`, and a resumed run with other settings is refused, naming the setting that differs.
+    """
+
+    def __init__(self, out, settings, settings_key):
+        self.out, self.partial = out, out + ".partial"
+        self.settings, self.key = settings, settings_key
+        self.done = {}  # id -> record already written
+        for path in (out, self.partial):
+            if os.path.exists(path):
+                self._load(path)
+        self.complete = os.path.exists(out)
+        self.file = None
+
+    def _load(self, path):
+        with open(path, "rb") as f:
+            data = f.read()
+        # A kill mid-write leaves at most one unterminated last line: drop it, keep the rest.
+        keep = data[: data.rfind(b"\n") + 1]
+        if len(keep) != len(data) and path == self.partial:
+            with open(path, "r+b") as f:
+                f.truncate(len(keep))
+        for n, line in enumerate(keep.decode("utf-8", errors="strict").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path}:{n}: cannot resume from a malformed line; delete the file to start over")
+            old = rec.get(self.key, {})
+            for name, value in self.settings.items():
+                if old.get(name) != value:
+                    raise InputError(
+                        f"{path}:{n}: was made with {name}={old.get(name)!r}, this run has {name}={value!r}; "
+                        f"use another --out or delete {path}")
+            self.done[str(rec.get("id"))] = rec
+
+    def write(self, records):
+        """Append finished records (each already carrying its id) and make them durable."""
+        if self.file is None:
+            self.file = open(self.partial, "a", encoding="utf-8")
+        for rec in records:
+            rec[self.key] = self.settings
+            self.file.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+            self.done[rec["id"]] = rec
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self, ids):
+        """Write OUT with the records for `ids`, in that order, atomically; remove OUT.partial."""
+        if self.file is not None:
+            self.file.close()
+        missing = [i for i in ids if i not in self.done]
+        assert not missing, f"internal error: {len(missing)} records were never written"
+        if self.complete and list(self.done) == list(ids) and not os.path.exists(self.partial):
+            return
+        tmp = self.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in ids:
+                f.write(json.dumps(self.done[i], ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out)
+        if os.path.exists(self.partial):
+            os.remove(self.partial)
+
+
+def progress(iterable=None, total=None, desc=None, unit="it"):
+    """A tqdm progress bar on stderr; SPPO_PROGRESS=0 turns it off. In a log file it updates every 10 s."""
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=os.environ.get("SPPO_PROGRESS") == "0", mininterval=0.1 if sys.stderr.isatty() else 10)

@@ -1,0 +1,234 @@
+"""Stage 1 of SPPO: sample K responses per prompt from the current policy.
+
+    python generate.py --model runs/tiny/world/policy --prompts runs/tiny/world/prompts.jsonl --out gen.jsonl
+    # one process per GPU, each on its own shard; `cat` the outputs afterwards:
+    CUDA_VISIBLE_DEVICES=3 python generate.py --model mistralai/Mistral-7B-Instruct-v0.2 \
+        --prompts UCLA-AGI/data-mistral-7b-instruct-sppo-iter1 --out gen.3.jsonl --shard 3/8
+
+Input: JSONL {"id", "prompt"} (or a hub dataset with a `prompt` column). Output: one record per prompt,
+{"id", "prompt", "responses": [K strings], "finish_reasons", "response_tokens", "generate": {settings}}.
+
+Seeds. --seed-mode prompt (default): each prompt samples from its own stream, seeded by hash(seed, id), so
+a response depends only on its prompt and the seed, never on batching, sharding or resuming, and no two
+prompts share a stream. --seed-mode release: the released SPPO code's scheme, one pass per sample index p
+with seed + 50*p for every prompt (in vLLM, prompts with equal seeds then draw correlated samples).
+"""
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+from common import InputError, ResumableWriter, check_paths, load_prompts, main_guard, parse_shard, progress, take_shard
+
+
+def prompt_seed(seed, rid):
+    """A 60-bit seed for one prompt; vLLM gives its j-th sample seed + j, so streams stay far apart."""
+    return int(hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()[:15], 16)
+
+
+def load_tokenizer(model):
+    """The model's tokenizer; a missing or incomplete checkpoint is an InputError, not a traceback."""
+    from transformers import AutoTokenizer
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise InputError(f"--model {model}: directory has no config.json (not a checkpoint)")
+    elif os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise InputError(f"--model {model}: no such checkpoint directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # hub and tokenizer errors come in many types; all mean "cannot load"
+        raise InputError(f"--model {model}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not tok.chat_template:
+        raise InputError(f"--model {model}: the tokenizer has no chat template")
+    return tok
+
+
+def encode_prompt(tok, prompt):
+    """Token ids of the prompt through the tokenizer's own chat template (which adds BOS itself)."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def context_length(model):
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or 1 << 30
+
+
+# -----------------------------------------------------------------------------
+# engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(text, finish_reason, n_tokens)]
+
+def vllm_engine(args):
+    import torch
+    if not torch.cuda.is_available():
+        # On a CPU the engine's extra process only adds start-up time (~20 s) and compilation takes a
+        # minute: longer than a tiny model's whole run.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        args.enforce_eager = True
+    from vllm import LLM, SamplingParams
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+    if args.kv_cache_gb:
+        kw["kv_cache_memory_bytes"] = int(args.kv_cache_gb * 2**30)
+    else:
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+    llm = LLM(**{k: v for k, v in kw.items() if v is not None})
+
+    def run(rows):
+        params = [SamplingParams(n=1, seed=seed, temperature=args.temperature, top_p=args.top_p,
+                                 max_tokens=max_new, skip_special_tokens=True) for _, seed, max_new in rows]
+        outs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in rows], params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
+    return run
+
+
+def hf_engine(args, tok):
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessor
+    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+
+    class RowSampler(LogitsProcessor):
+        """Temperature + top-p sampling with one torch.Generator per row, by the Gumbel-max trick: the
+        argmax of log p + Gumbel noise is a sample from p. Greedy decoding of these scores therefore samples,
+        and each row's draw depends only on its own seed, not on which prompts share the batch. (top_k=0:
+        transformers' default top_k=50 would make the HF engine sample a different distribution from vLLM.)"""
+
+        def __init__(self, seeds):
+            self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+        def __call__(self, input_ids, scores):
+            if args.temperature == 0:
+                return scores
+            logp = torch.log_softmax(scores.float() / args.temperature, dim=-1)
+            if args.top_p < 1:
+                sorted_logp, order = logp.sort(dim=-1, descending=True)
+                before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
+                drop = (before >= args.top_p).scatter(-1, order, before >= args.top_p)
+                logp = logp.masked_fill(drop, -float("inf"))
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens]).to(scores.device)
+            return logp - torch.log(-torch.log(u.clamp_min(1e-20)))
+
+    @torch.no_grad()
+    def run(rows):
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in rows], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, top_k=None, top_p=None,
+                             temperature=None, max_new_tokens=max(m for _, _, m in rows), pad_token_id=pad,
+                             eos_token_id=list(eos), logits_processor=[RowSampler([s for _, s, _ in rows])])
+        results = []
+        for (_, _, max_new), new in zip(rows, out[:, width:].tolist()):
+            end = next((i for i, t in enumerate(new[:max_new]) if t in eos), None)
+            toks = new[:end] if end is not None else new[:max_new]
+            results.append((tok.decode(toks, skip_special_tokens=True), "stop" if end is not None else "length",
+                            len(toks) + (end is not None)))
+        return results
+    return run
+
+
+def pick_engine(name):
+    if name != "auto":
+        return name
+    try:
+        import vllm  # noqa: F401
+        return "vllm"
+    except ImportError:
+        return "hf"
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    ap.add_argument("--prompts", required=True, help="JSONL of {id, prompt}, or a hub dataset with a prompt column")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--k", type=int, default=5, help="responses per prompt")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--max-tokens", type=int, default=2048, help="max new tokens per response")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed-mode", choices=["prompt", "release"], default="prompt")
+    ap.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
+    ap.add_argument("--shard", default="0/1", help="i/n: this process takes prompts whose position mod n == i")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts (before sharding)")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    ap.add_argument("--write-every", type=int, default=1000, help="prompts per engine call; finished ones are saved")
+    ap.add_argument("--hf-batch-size", type=int, default=64, help="HF engine: sequences per generate() call")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV-cache size (set it on a CPU)")
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs (faster start)")
+    args = ap.parse_args()
+    if args.k < 1:
+        raise InputError(f"--k {args.k}: need at least 1 response per prompt")
+
+    # --- check everything before loading a model
+    shard = parse_shard(args.shard)
+    records = load_prompts(args.prompts)[: args.limit]
+    records = take_shard(records, shard)
+    check_paths([args.prompts], args.out)
+    tok = load_tokenizer(args.model)
+    engine = pick_engine(args.engine)
+    settings = {"model": args.model, "engine": engine, "k": args.k, "temperature": args.temperature,
+                "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed, "seed_mode": args.seed_mode}
+    writer = ResumableWriter(args.out, settings, "generate")
+
+    # Prompts longer than the context cannot be answered: skip them, say how many.
+    ctx = min(context_length(args.model), args.max_model_len or 1 << 30)
+    todo, skipped, keep = [], 0, []
+    for r in records:
+        ids = encode_prompt(tok, r["prompt"])
+        if len(ids) >= ctx:
+            skipped += 1
+            continue
+        keep.append(r["id"])
+        if r["id"] not in writer.done:
+            todo.append((r, ids))
+    if skipped:
+        print(f"warning: skipped {skipped} prompts longer than the model's context ({ctx} tokens)", file=sys.stderr)
+    print(f"generate: {len(keep)} prompts in shard {args.shard}, {len(keep) - len(todo)} already done, "
+          f"{len(todo)} to do, K={args.k}, engine={engine}", file=sys.stderr)
+
+    # --- generate
+    t0, n_tokens = time.time(), 0
+    if todo:
+        if engine == "vllm":
+            run = vllm_engine(args)
+            chunk = args.write_every
+        else:
+            run = hf_engine(args, tok)
+            chunk = max(1, min(args.write_every, args.hf_batch_size // args.k))
+        bar = progress(total=len(todo), desc="generate", unit="prompt")
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            rows = []
+            for p in range(args.k):
+                for r, ids in part:
+                    seed = args.seed + 50 * p if args.seed_mode == "release" else prompt_seed(args.seed, r["id"]) + p
+                    rows.append((ids, seed, min(args.max_tokens, ctx - len(ids))))
+            results = run(rows)
+            out = []
+            for i, (r, _) in enumerate(part):
+                mine = results[i::len(part)]  # sample p of prompt i is row p * len(part) + i
+                out.append({"id": r["id"], "prompt": r["prompt"], "responses": [m[0] for m in mine],
+                            "finish_reasons": [m[1] for m in mine], "response_tokens": [m[2] for m in mine]})
+                n_tokens += sum(m[2] for m in mine)
+            writer.write(out)
+            bar.update(len(part))
+        bar.close()
+    writer.close(keep)
+    dt = time.time() - t0
+    print(f"generate: {len(todo)} prompts, {len(todo) * args.k} responses, {n_tokens} tokens in {dt:.1f}s "
+          f"({n_tokens / max(dt, 1e-9):.0f} tokens/s) -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny world is built once per test session, offline, in a temp directory."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_stage(script, *args, check=True, env=None):
+    """Run one stage as a real subprocess; returns the CompletedProcess (stdout/stderr as text)."""
+    e = dict(os.environ, SPPO_PROGRESS="0", **(env or {}))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                       capture_output=True, text=True, env=e, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def require_vllm():
+    """vLLM tests skip on a machine without vllm, but fail in CI (CI=true), where it must be installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("vllm is not importable, and CI must run the vLLM tests")
+        pytest.skip("vllm not installed")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "world"
+    run_stage("examples/tiny/build.py", "--out", out)
+    return out

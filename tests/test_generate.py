@@ -1,0 +1,188 @@
+"""generate.py on the tiny policy: both engines, seeds, shards, resume after a kill, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, read_jsonl, require_vllm, run_stage, write_jsonl
+
+GEN = "generate.py"
+
+
+def gen(world, out, *extra, engine="hf", limit=12, k=3, check=True):
+    return run_stage(GEN, "--model", world / "policy", "--prompts", world / "prompts.jsonl", "--out", out,
+                     "--engine", engine, "--limit", limit, "--k", k, "--max-tokens", 48, "--kv-cache-gb", 0.1,
+                     *extra, check=check)
+
+
+def check_records(recs, n, k):
+    assert len(recs) == n
+    assert len({r["id"] for r in recs}) == n
+    for r in recs:
+        assert len(r["responses"]) == k and len(r["finish_reasons"]) == k
+        assert all(isinstance(x, str) for x in r["responses"])
+        assert sum(len(x) > 0 for x in r["responses"]) >= k - 1  # the trained policy answers
+        assert "[INST]" not in "".join(r["responses"]) and "</s>" not in "".join(r["responses"])
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_engine_output_and_determinism(world, tmp_path, engine):
+    if engine == "vllm":
+        require_vllm()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    p = gen(world, a, engine=engine)
+    assert "tokens/s" in p.stderr.splitlines()[-1]
+    recs = read_jsonl(a)
+    check_records(recs, 12, 3)
+    assert recs[0]["generate"]["engine"] == engine and recs[0]["generate"]["k"] == 3
+    # the K samples of a prompt differ (temperature 0.7), and prompts do not share a stream
+    assert sum(len(set(r["responses"])) > 1 for r in recs) >= 10
+    gen(world, b, engine=engine)
+    assert read_jsonl(b) == recs, "same seed must give the same output"
+    assert not os.path.exists(str(a) + ".partial")
+
+
+def test_seed_changes_output(world, tmp_path):
+    gen(world, tmp_path / "a.jsonl")
+    gen(world, tmp_path / "b.jsonl", "--seed", 1)
+    a, b = read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")
+    assert [r["responses"] for r in a] != [r["responses"] for r in b]
+
+
+def test_release_seed_mode(world, tmp_path):
+    gen(world, tmp_path / "r.jsonl", "--seed-mode", "release")
+    recs = read_jsonl(tmp_path / "r.jsonl")
+    check_records(recs, 12, 3)
+    assert recs[0]["generate"]["seed_mode"] == "release"
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_shards_concatenate_to_the_whole(world, tmp_path, engine):
+    if engine == "vllm":
+        require_vllm()
+    gen(world, tmp_path / "whole.jsonl", engine=engine, limit=10)
+    parts = []
+    for i in range(3):
+        gen(world, tmp_path / f"s{i}.jsonl", "--shard", f"{i}/3", engine=engine, limit=10)
+        parts += read_jsonl(tmp_path / f"s{i}.jsonl")
+    whole = read_jsonl(tmp_path / "whole.jsonl")
+    assert sorted(r["id"] for r in parts) == sorted(r["id"] for r in whole)
+    # a response depends on its prompt and seed only, not on the batch it was drawn in
+    assert sorted(parts, key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"])
+
+
+def test_kill_and_resume(world, tmp_path):
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    gen(world, ref, limit=24, k=2)
+    # --hf-batch-size 2 with K=2: one prompt per generate() call, saved after each
+    cmd = [sys.executable, os.path.join(ROOT, GEN), "--model", world / "policy", "--prompts", world / "prompts.jsonl",
+           "--out", out, "--engine", "hf", "--limit", "24", "--k", "2", "--max-tokens", "48", "--hf-batch-size", "2"]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    partial = str(out) + ".partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(partial) and sum(1 for _ in open(partial)) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it slower"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done_before = len(read_jsonl(partial))
+    assert 3 <= done_before < 24
+    p = gen(world, out, "--hf-batch-size", 2, limit=24, k=2)
+    assert f"{done_before} already done" in p.stderr
+    assert read_jsonl(out) == read_jsonl(ref)
+    assert not os.path.exists(partial)
+    # a finished output is not redone
+    p = gen(world, out, limit=24, k=2)
+    assert "0 to do" in p.stderr
+
+
+def test_resume_refuses_other_settings(world, tmp_path):
+    out = tmp_path / "o.jsonl"
+    gen(world, out, limit=4)
+    p = gen(world, out, "--seed", 7, limit=6, check=False)
+    assert p.returncode == 2
+    assert "seed=0" in p.stderr and "seed=7" in p.stderr
+
+
+def test_partial_last_line_is_dropped_on_resume(world, tmp_path):
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    gen(world, ref, limit=6)
+    lines = open(ref).read().splitlines()
+    with open(str(out) + ".partial", "w") as f:  # what a kill in the middle of a write leaves
+        f.write("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    gen(world, out, limit=6)
+    assert read_jsonl(out) == read_jsonl(ref)
+
+
+def bad(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("case,content,expect", [
+    ("malformed", '{"id": "a", "prompt": "Tell me about cats."}\n{"id": "b", "prompt": \n', ":2: malformed JSON"),
+    ("no_prompt", '{"id": "a", "prompt": "Tell me about cats."}\n{"id": "b", "text": "x"}\n', ":2: field 'prompt' is missing"),
+    ("empty_prompt", '{"id": "a", "prompt": "  "}\n', ":1: field 'prompt' is empty"),
+    ("wrong_type", '{"id": "a", "prompt": 3}\n', ":1: field 'prompt' should be str"),
+    ("dup_id", '{"id": "a", "prompt": "Tell me."}\n{"id": "a", "prompt": "Describe cats."}\n', ":2: field 'id' repeats"),
+    ("not_utf8", b'{"id": "a", "prompt": "caf\xe9"}\n', ":1: not valid UTF-8"),
+    ("empty_file", "", "no records"),
+])
+def test_bad_prompts(world, tmp_path, case, content, expect):
+    path = bad(tmp_path, f"{case}.jsonl", content)
+    before = path.read_bytes()
+    out = tmp_path / "out.jsonl"
+    p = run_stage(GEN, "--model", world / "policy", "--prompts", path, "--out", out, "--engine", "hf", check=False)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], p.stderr
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["missing_prompts", "missing_model", "not_a_checkpoint", "out_is_input"])
+def test_bad_paths(world, tmp_path, case):
+    prompts, model, out = world / "prompts.jsonl", world / "policy", tmp_path / "out.jsonl"
+    if case == "missing_prompts":
+        prompts, expect = tmp_path / "nope.jsonl", "no such file"
+    elif case == "missing_model":
+        model, expect = tmp_path / "no_model", "no such checkpoint"
+    elif case == "not_a_checkpoint":
+        model, expect = tmp_path, "no config.json"
+    else:
+        write_jsonl(tmp_path / "p.jsonl", read_jsonl(prompts)[:3])
+        prompts = out = tmp_path / "p.jsonl"
+        expect = "output path is the input path"
+    p = run_stage(GEN, "--model", model, "--prompts", prompts, "--out", out, "--engine", "hf", check=False)
+    assert p.returncode == 2 and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    if case != "out_is_input":
+        assert not out.exists()
+    else:
+        assert len(read_jsonl(out)) == 3  # the input is untouched
+
+
+def test_prompts_without_ids_get_stable_ids(world, tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Tell me about cats."}, {"prompt": "Describe rivers."}])
+    run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl",
+              "--engine", "hf", "--k", 2, "--max-tokens", 16)
+    ids = [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")]
+    from common import prompt_id
+    assert ids == [prompt_id("Tell me about cats."), prompt_id("Describe rivers.")]
+
+
+def test_chat_template_single_bos(world):
+    from transformers import AutoTokenizer
+    from generate import encode_prompt
+    tok = AutoTokenizer.from_pretrained(world / "policy")
+    ids = encode_prompt(tok, "Tell me about None of these.")
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert tok.pad_token_id != tok.eos_token_id
+    assert "None of these" in tok.decode(ids)
