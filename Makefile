@@ -21,10 +21,17 @@ setup: $(VENV)/.installed
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
+test-all: setup
+	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
+
+# The CPU demo: build the tiny world (once), run three SPPO iterations, evaluate base and every iteration.
+TINY := runs/tiny
 demo: setup
-	$(VENV)/bin/python examples/tiny/build.py --out runs/tiny/world
-	$(VENV)/bin/python generate.py --model runs/tiny/world/policy --prompts runs/tiny/world/prompts.jsonl \
-		--out runs/tiny/iter1/generated.jsonl --k 5 --max-tokens 64 --kv-cache-gb 0.25
+	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world
+	PYTHON=$(VENV)/bin/python OUT=$(TINY) bash run_loop.sh configs/tiny.env
+	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
+		--models base=$(TINY)/world/policy iter1=$(TINY)/iter1/checkpoint iter2=$(TINY)/iter2/checkpoint \
+		iter3=$(TINY)/iter3/checkpoint --baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25
 
 clean:
 	rm -rf runs

@@ -43,6 +43,12 @@ def require_vllm():
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
+    """The tiny world (policy, ranker, prompts). SPPO_TEST_WORLD=DIR reuses one built earlier with
+    `python examples/tiny/build.py --out DIR` (a developer's shortcut; CI always builds it afresh)."""
+    prebuilt = os.environ.get("SPPO_TEST_WORLD")
+    if prebuilt and os.environ.get("CI") != "true":
+        from pathlib import Path
+        return Path(prebuilt)
     out = tmp_path_factory.mktemp("tiny") / "world"
     run_stage("examples/tiny/build.py", "--out", out)
     return out

@@ -60,7 +60,7 @@ def test_release_seed_mode(world, tmp_path):
     assert recs[0]["generate"]["seed_mode"] == "release"
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_shards_concatenate_to_the_whole(world, tmp_path, engine):
     if engine == "vllm":
         require_vllm()

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# SPPO, the whole loop: for t = 1..ITERS, sample K responses per prompt from pi_t (generate.py), score
+# every pair with PairRM (rank.py), and train pi_{t+1} against pi_t as reference (train_sppo.py).
+#
+#   bash run_loop.sh configs/tiny.env                       # the CPU demo (make demo)
+#   bash run_loop.sh configs/mistral7b.env                  # the released recipe on one 8-GPU box
+#   GPUS=1 N_PROMPTS=500 bash run_loop.sh configs/mistral7b.env   # any setting can come from the environment
+#
+# Every stage writes its output under a temporary name and renames it when complete, so a rerun skips
+# what is finished and resumes what is not. Logs: $OUT/iterT/logs/STAGE*.log.
+set -euo pipefail
+cd "$(dirname "$0")"
+CONFIG=${1:-configs/mistral7b.env}
+[ -f "$CONFIG" ] || { echo "run_loop: no config file $CONFIG" >&2; exit 2; }
+source "$CONFIG"   # a config sets VAR=${VAR:-default}, so the environment wins
+PYTHON=${PYTHON:-python}
+GPUS=${GPUS:-0}                     # 0: everything on the CPU, one process
+NPROC=$(( GPUS > 0 ? GPUS : 1 ))    # processes per stage: one per GPU
+
+# --- settings guard: a run directory holds one experiment; changing a setting needs a new OUT
+SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEED_MODE PROB_MODE ETA LR EPOCHS
+          BATCH MICRO_BATCH OPTIMIZER WARMUP MAX_LENGTH MAX_PROMPT_LENGTH SELECT TRAIN_SEED GEN_ARGS RANK_ARGS TRAIN_ARGS"
+mkdir -p "$OUT"
+current=$(for v in $SETTINGS; do echo "$v=${!v-}"; done)
+if [ -f "$OUT/settings.txt" ]; then
+    differ=$(diff <(cat "$OUT/settings.txt") <(echo "$current") | grep '^>' | head -1 | cut -c3- || true)
+    if [ -n "$differ" ]; then
+        was=$(grep "^${differ%%=*}=" "$OUT/settings.txt" || true)
+        echo "run_loop: $OUT was made with $was, this run has $differ; use another OUT or delete $OUT" >&2
+        exit 2
+    fi
+else
+    echo "$current" > "$OUT/settings.txt"
+fi
+
+STAGES_RUN=0
+# die STAGE LOG: stop the loop, naming the stage and where to look.
+die() { echo "run_loop: stage '$1' failed (iteration $t); see $2" >&2; tail -n 3 "$2" | sed 's/^/    /' >&2; exit 1; }
+
+# sharded STAGE OUT CMD...: run `CMD --shard s/NPROC --out OUT.s` once per GPU side by side, then
+# concatenate the shard outputs into OUT. Each shard resumes by itself after a crash.
+sharded() {
+    local stage=$1 out=$2 s; shift 2
+    if [ -f "$out" ]; then echo "[iter $t] $stage: done earlier ($out)"; return; fi
+    local start=$SECONDS pids=()
+    for ((s = 0; s < NPROC; s++)); do
+        if (( GPUS > 0 )); then export CUDA_VISIBLE_DEVICES=$s; fi
+        "$@" --shard "$s/$NPROC" --out "$out.$s" > "$LOGS/$stage.$s.log" 2>&1 &
+        pids+=($!)
+    done
+    unset CUDA_VISIBLE_DEVICES
+    for ((s = 0; s < NPROC; s++)); do wait "${pids[s]}" || die "$stage" "$LOGS/$stage.$s.log"; done
+    for ((s = 0; s < NPROC; s++)); do cat "$out.$s"; done > "$out.tmp"
+    mv "$out.tmp" "$out"
+    for ((s = 0; s < NPROC; s++)); do rm -f "$out.$s"; done
+    echo "[iter $t] $stage: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/$stage.0.log")"
+    STAGES_RUN=$(( STAGES_RUN + 1 ))
+}
+
+model=$MODEL
+for ((t = 1; t <= ITERS; t++)); do
+    dir=$OUT/iter$t
+    LOGS=$dir/logs
+    mkdir -p "$LOGS"
+    prompts=${PROMPTS//\{iter\}/$t}   # e.g. UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iter}
+
+    # 1. y_1..y_K ~ pi_t(.|x) for every prompt x
+    sharded generate "$dir/generated.jsonl" \
+        "$PYTHON" generate.py --model "$model" --prompts "$prompts" ${N_PROMPTS:+--limit "$N_PROMPTS"} \
+        --k "$K" --temperature "$TEMPERATURE" --top-p "$TOP_P" --max-tokens "$MAX_TOKENS" \
+        --seed "$SEED" --seed-mode "$SEED_MODE" ${GEN_ARGS-}
+
+    # 2. P(y_i beats y_j | x) for every ordered pair, and each response's win rate W_i = mean_j P_ij
+    sharded rank "$dir/ranked.jsonl" \
+        "$PYTHON" rank.py --in "$dir/generated.jsonl" --ranker "$RANKER" --prob-mode "$PROB_MODE" ${RANK_ARGS-}
+
+    # 3. pi_{t+1} = argmin E (log pi(y|x) - log pi_t(y|x) - eta (W(y) - 1/2))^2, with pi_t as reference
+    ckpt=$dir/checkpoint
+    if [ -d "$ckpt" ]; then
+        echo "[iter $t] train: done earlier ($ckpt)"
+    else
+        start=$SECONDS
+        launcher=("$PYTHON")
+        if (( GPUS > 1 )); then launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); fi
+        "${launcher[@]}" train_sppo.py --model "$model" --data "$dir/ranked.jsonl" --out "$ckpt" \
+            --eta "$ETA" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH" --micro-batch-size "$MICRO_BATCH" \
+            --optimizer "$OPTIMIZER" --warmup-ratio "$WARMUP" --max-length "$MAX_LENGTH" \
+            --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" ${TRAIN_ARGS-} \
+            > "$LOGS/train.log" 2>&1 || die train "$LOGS/train.log"
+        echo "[iter $t] train: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/train.log")"
+        STAGES_RUN=$(( STAGES_RUN + 1 ))
+    fi
+    model=$ckpt   # pi_{t+1}: the next iteration's generator and reference
+done
+
+if (( STAGES_RUN == 0 )); then
+    echo "run_loop: all $(( 3 * ITERS )) stages were already complete in $OUT; nothing to do"
+else
+    echo "run_loop: $STAGES_RUN stages run; final model $model"
+fi
