@@ -8,6 +8,10 @@ writes
                            toy answers of world.py so it writes short, varied, readable answers
     OUT/prompts.jsonl      training prompts {"id", "prompt"}
     OUT/eval_prompts.jsonl held-out prompts (no prompt text shared with prompts.jsonl)
+    OUT/ranker/            the tiny judge: a PairRM-shaped ranker (DeBERTa-v2 backbone, PairRM's special tokens
+                           and head, sentencepiece tokenizer) trained on world.judge_score's preference;
+                           rank.py --ranker OUT/ranker and llm-blender's Blender().loadranker(OUT/ranker) load it
+                           (see ranker.py)
 """
 import argparse
 import json
@@ -21,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world  # noqa: E402
+from ranker import build_ranker  # noqa: E402
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
 # Mistral-Instruct's layout; [INST] and [/INST] are single tokens so the prompt's tokens are always a
@@ -114,6 +119,8 @@ def main():
 
     print(f"building tiny policy ({args.policy_steps} training steps)")
     build_policy(f"{tmp}/policy", args.seed, args.policy_steps)
+    print("building tiny ranker (PairRM-shaped, trained on the synthetic preference)")
+    build_ranker(f"{tmp}/ranker", args.seed, backbone_path=os.path.join(os.path.abspath(args.out), "ranker", "backbone"))
 
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)

@@ -1,0 +1,416 @@
+"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM, AlpacaEval-style.
+
+    python evaluate.py --models base=runs/tiny/world/policy iter1=runs/tiny/iter1/checkpoint \
+        iter2=runs/tiny/iter2/checkpoint --prompts runs/tiny/world/eval_prompts.jsonl \
+        --ranker runs/tiny/world/ranker --baseline base --out runs/tiny/eval
+    # AlpacaEval 2.0's 805 instructions against its GPT-4 Turbo reference outputs (the prompts are the
+    # reference's instructions when --prompts is left out):
+    python evaluate.py --models base=mistralai/Mistral-7B-Instruct-v0.2 iter3=runs/mistral7b/iter3/checkpoint \
+        --reference-outputs gpt4_turbo_outputs.json --out runs/mistral7b/eval
+
+1. One response per prompt per model, greedy by default: generate.py with --k 1 as a subprocess, writing
+   OUT/outputs/NAME.jsonl; finished outputs are reused, so a rerun generates nothing.
+2. Each model against the baseline (one of --models, or --reference-outputs), both orders through PairRM:
+   outcome o = (sigmoid(M(model, base)) + 1 - sigmoid(M(base, model))) / 2, a soft win in [0, 1]. Identical
+   responses are a tie (o = 1/2) without asking the ranker. Judgments are cached in OUT/judgments/.
+3. Win rate = mean(o) (a tie counts 1/2) with its standard error; length-controlled win rate = sigmoid(b0) of
+   the logistic fit o ~ sigmoid(b0 + b1 tanh(d / sd(d))), d = len(model) - len(base) in characters: the win
+   rate the model would have at equal length (AlpacaEval 2.0's GLM without its per-instruction terms).
+
+Writes OUT/results.json, OUT/results.md (also printed), OUT/winrate.png, and OUT/alpaca_eval/NAME/model_outputs.json
+([{"instruction", "output", "generator"}]) for each model, for alpaca_eval with its own judge:
+    alpaca_eval --model_outputs OUT/alpaca_eval/iter3/model_outputs.json
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from common import InputError, ResumableWriter, load_prompts, main_guard, progress, prompt_id, read_jsonl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# the math
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def outcome(m_ab, m_ba):
+    """Soft win of a over b from both orders of PairRM: (sigmoid(M_ab) + 1 - sigmoid(M_ba)) / 2, so that
+    PairRM's position bias cancels and swapping a and b gives 1 - o. (Written as 1/2 + difference / 2 so
+    that equal logits give exactly 1/2 in floating point.)"""
+    return 0.5 + (sigmoid(m_ab) - sigmoid(m_ba)) / 2.0
+
+
+def win_rate(outcomes):
+    """(win rate, standard error): mean(o) and std(o, ddof=1) / sqrt(n); a tie (o = 1/2) counts half."""
+    o = np.asarray(outcomes, dtype=np.float64)
+    return float(o.mean()), float(o.std(ddof=1) / np.sqrt(len(o)))
+
+
+def length_controlled_win_rate(outcomes, len_model, len_base, l2=0.1):
+    """(LC win rate, standard error): the win rate at zero length difference.
+
+    Logistic model P(model wins) = sigmoid(b0 + b1 z), z = tanh(d / sd(d)), d = len_model - len_base, fitted to
+    the soft outcomes o by Newton's method on the cross-entropy sum_i -[o_i log p_i + (1 - o_i) log(1 - p_i)]
+    + l2/2 b1^2 (the L2 term keeps b1 finite when length separates wins from losses). LC = sigmoid(b0).
+    This is AlpacaEval 2.0's length-controlled GLM for one model against one baseline, without its
+    instruction-difficulty term. The standard error is the delta method on b0's sandwich variance, which
+    stays honest for soft outcomes. When every d is equal, length cannot be told apart from quality: z = 0.
+    """
+    o = np.asarray(outcomes, dtype=np.float64)
+    d = np.asarray(len_model, dtype=np.float64) - np.asarray(len_base, dtype=np.float64)
+    sd = d.std(ddof=1)
+    z = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    X = np.stack([np.ones_like(z), z], axis=1)
+    reg = np.array([1e-6, l2])  # the tiny b0 term only keeps b0 finite when every outcome is a win (or a loss)
+
+    def loss(b):
+        t = X @ b  # -[o log p + (1-o) log(1-p)] = log(1 + e^t) - o t, written to not overflow
+        return float(np.sum(np.logaddexp(0.0, t) - o * t) + 0.5 * np.sum(reg * b * b))
+
+    b = np.zeros(2)
+    for _ in range(100):
+        p = sigmoid(X @ b)
+        grad = X.T @ (p - o) + reg * b
+        hess = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        t, f0 = 1.0, loss(b)
+        while loss(b - t * step) > f0 and t > 1e-6:  # the objective is convex; halving only guards overshoot
+            t /= 2
+        b = b - t * step
+        if np.max(np.abs(t * step)) < 1e-10:
+            break
+    p = sigmoid(X @ b)
+    hess_inv = np.linalg.inv((X * (p * (1 - p))[:, None]).T @ X + np.diag(reg))
+    g = X * (p - o)[:, None]
+    var_b0 = (hess_inv @ (g.T @ g) @ hess_inv)[0, 0]
+    lc = float(sigmoid(b[0]))
+    return lc, float(lc * (1 - lc) * np.sqrt(var_b0))
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+def parse_models(specs):
+    """[(name, path)] from NAME=PATH (or PATH alone: NAME is its last component); names become file names."""
+    models = []
+    for spec in specs:
+        name, path = spec.split("=", 1) if "=" in spec else (os.path.basename(spec.rstrip("/")), spec)
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+            raise InputError(f"--models {spec}: the name '{name}' should be letters, digits, '.', '_' or '-'")
+        if any(name == n for n, _ in models):
+            raise InputError(f"--models: the name '{name}' is given twice")
+        check_model(spec, path)
+        models.append((name, path))
+    return models
+
+
+def check_model(spec, path):
+    """A checkpoint directory, or something only a hub id can be: fail before any work, not at model 3."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"--models {spec}: {path} has no config.json (not a checkpoint)")
+        return
+    first = path.split("/")[0]
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1 or os.path.isdir(first):
+        raise InputError(f"--models {spec}: no such checkpoint directory")
+
+
+def load_reference(path):
+    """{instruction: output} from an AlpacaEval-style JSON list of {"instruction", "output", ...}, and its
+    generator name (or None)."""
+    if not os.path.isfile(path):
+        raise InputError(f"--reference-outputs {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--reference-outputs {path}: not valid JSON ({e})")
+    if not isinstance(data, list) or not data:
+        raise InputError(f"--reference-outputs {path}: expected a non-empty JSON list of {{instruction, output}}")
+    ref = {}
+    for i, rec in enumerate(data):
+        if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("instruction", "output"))):
+            raise InputError(f"--reference-outputs {path}: item {i} needs string fields 'instruction' and 'output'")
+        if ref.setdefault(rec["instruction"], rec["output"]) != rec["output"]:
+            raise InputError(f"--reference-outputs {path}: item {i} repeats an instruction with another output")
+    return ref, data[0].get("generator")
+
+
+def read_outputs(path):
+    """{id: (prompt, response)} from generate.py's output with K = 1."""
+    return {str(r["id"]): (r["prompt"], r["responses"][0]) for _, r in read_jsonl(path)}
+
+
+# -----------------------------------------------------------------------------
+# step 1: responses
+
+def generate(name, model, args, prompt_ids):
+    """OUT/outputs/NAME.jsonl from generate.py, unless a finished one made with these settings exists."""
+    out = os.path.join(args.out, "outputs", f"{name}.jsonl")
+    want = {"model": model, "k": 1, "temperature": args.temperature, "top_p": args.top_p,
+            "max_tokens": args.max_tokens, "seed": args.seed, "seed_mode": "prompt"}
+    if args.engine != "auto":
+        want["engine"] = args.engine
+    if os.path.exists(out) and not os.path.exists(out + ".partial"):
+        recs = [r for _, r in read_jsonl(out)]
+        made = recs[0].get("generate", {}) if recs else {}
+        if prompt_ids <= {str(r["id"]) for r in recs} and all(made.get(k) == v for k, v in want.items()):
+            print(f"evaluate: {name}: responses done ({out})", file=sys.stderr, flush=True)
+            return out
+    # Not done (or made otherwise: generate.py resumes, or refuses other settings naming the one that differs).
+    cmd = [sys.executable, os.path.join(HERE, "generate.py"), "--model", model, "--prompts", args.prompts_file,
+           "--out", out, "--k", "1", "--temperature", args.temperature, "--top-p", args.top_p,
+           "--max-tokens", args.max_tokens, "--seed", args.seed, "--engine", args.engine, "--dtype", args.dtype,
+           "--hf-batch-size", args.hf_batch_size, "--tensor-parallel-size", args.tensor_parallel_size,
+           "--gpu-memory-utilization", args.gpu_memory_utilization]
+    for flag, value in (("--kv-cache-gb", args.kv_cache_gb), ("--max-model-len", args.max_model_len),
+                        ("--limit", args.limit)):
+        if value is not None:
+            cmd += [flag, value]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    print(f"evaluate: {name}: generating with {model}", file=sys.stderr, flush=True)
+    rc = subprocess.call([str(c) for c in cmd])
+    if rc != 0:
+        raise InputError(f"generate.py failed for model '{name}' (exit code {rc}; its error is above)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# step 2: judgments
+
+def text_hash(text):
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def judge(name, base_name, rows, args, ranker):
+    """Soft outcomes of `name` against the baseline for rows [(id, prompt, response, base_response)].
+
+    Cached in OUT/judgments/NAME_vs_BASE.jsonl, one record per (id, response, base response): a changed
+    response is judged again, an unchanged one never. `ranker` is a function that loads PairRM once."""
+    path = os.path.join(args.out, "judgments", f"{name}_vs_{base_name}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    writer = ResumableWriter(path, {"ranker": args.ranker}, "judge")
+    keys = [f"{rid}:{text_hash(a)}:{text_hash(b)}" for rid, _, a, b in rows]
+    todo = [(k, row) for k, row in zip(keys, rows) if k not in writer.done]
+    print(f"judge: {name} vs {base_name}: {len(rows)} prompts, {len(rows) - len(todo)} cached, {len(todo)} to do",
+          file=sys.stderr, flush=True)
+    new = [{"id": k, "logits": None, "outcome": 0.5} for k, (_, _, a, b) in todo if a == b]  # a tie, exactly
+    if new:
+        writer.write(new)
+    todo = [(k, row) for k, row in todo if row[2] != row[3]]
+    if todo:
+        from rank import pair_logits
+        model, tokenizer = ranker()
+        bar = progress(total=2 * len(todo), desc=f"judge {name}", unit="pair")
+        for start in range(0, len(todo), args.write_every):
+            part = todo[start:start + args.write_every]
+            pairs = [(x, a, b) for _, (_, x, a, b) in part] + [(x, b, a) for _, (_, x, a, b) in part]
+            m = pair_logits(model, tokenizer, pairs, batch_size=args.batch_size, device=args.device, progress_bar=bar)
+            m_ab, m_ba = m[:len(part)], m[len(part):]
+            writer.write([{"id": k, "logits": [float(x), float(y)], "outcome": float(outcome(x, y))}
+                          for (k, _), x, y in zip(part, m_ab, m_ba)])
+        bar.close()
+    writer.close(keys)
+    return np.array([writer.done[k]["outcome"] for k in keys])
+
+
+# -----------------------------------------------------------------------------
+# outputs
+
+def write_atomic(path, write):
+    """write(tmp_path), then rename: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, w)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+
+
+def markdown_table(results, base_name, ranker):
+    lines = [f"Win rates against **{base_name}**, judged by `{ranker}` (both orders; a tie counts 1/2). "
+             "LC: length-controlled.", "",
+             "| model | LC win rate (%) | win rate (%) | mean length (chars) | n |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {100 * r['lc_win_rate']:.2f} ± {100 * r['lc_se']:.2f} | "
+                     f"{100 * r['win_rate']:.2f} ± {100 * r['se']:.2f} | {r['mean_length']:.0f} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path, results, base_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.5))
+    for key, se, label, shift in (("lc_win_rate", "lc_se", "LC win rate", -0.04), ("win_rate", "se", "win rate", 0.04)):
+        ax.errorbar(x + shift, [100 * results[n][key] for n in names], yerr=[100 * results[n][se] for n in names],
+                    marker="o", capsize=3, label=label)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, names)
+    ax.set_ylabel(f"% wins vs {base_name}")
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="NAME=DIR (checkpoint directory or hub id), "
+                    "in plot order")
+    ap.add_argument("--prompts", default=None, help="JSONL of {id, prompt}, or a hub dataset with a prompt column "
+                    "(default with --reference-outputs: its instructions)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="PairRM hub id or local directory")
+    ap.add_argument("--baseline", default=None, help="the NAME in --models every model is judged against (default: "
+                    "the first); with --reference-outputs, the reference's name (default: its generator field)")
+    ap.add_argument("--reference-outputs", default=None, help="AlpacaEval-style JSON [{instruction, output}] as the "
+                    "baseline, matched to prompts by instruction text; a prompt without one is an error")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    # generation (passed to generate.py)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV-cache size (set it on a CPU)")
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    # judging
+    ap.add_argument("--batch-size", type=int, default=None, help="PairRM rows per forward (default: 32 cuda, 8 cpu)")
+    ap.add_argument("--device", default=None, help="PairRM device (default: cuda when available)")
+    ap.add_argument("--ranker-dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--write-every", type=int, default=256, help="prompts per judging chunk; finished ones are saved")
+    args = ap.parse_args()
+
+    # --- check everything before any work
+    models = parse_models(args.models)
+    reference = None
+    if args.reference_outputs:
+        reference, generator = load_reference(args.reference_outputs)
+        base_name = args.baseline or generator or "reference"
+        if any(base_name == n for n, _ in models):
+            raise InputError(f"--baseline {base_name}: with --reference-outputs the baseline is the reference, "
+                             "not one of --models; give it another name")
+    else:
+        base_name = args.baseline or models[0][0]
+        if not any(base_name == n for n, _ in models):
+            raise InputError(f"--baseline {base_name}: not one of --models ({', '.join(n for n, _ in models)})")
+    if args.prompts is None and reference is None:
+        raise InputError("--prompts is required (without --reference-outputs)")
+    if args.prompts is None:  # the reference's instructions, in its order, written where generate.py reads them
+        prompts = [{"id": prompt_id(x), "prompt": x} for x in reference]
+        args.prompts_file = os.path.join(args.out, "prompts.jsonl")
+    else:
+        prompts = load_prompts(args.prompts)
+        args.prompts_file = args.prompts
+    prompts = prompts[: args.limit]
+    if len(prompts) < 2:
+        raise InputError(f"{args.prompts or args.reference_outputs}: need at least 2 prompts to estimate a win rate")
+    if reference is not None:
+        missing = [r["id"] for r in prompts if r["prompt"] not in reference]
+        if missing:
+            more = ", ..." if len(missing) > 5 else ""
+            raise InputError(f"--reference-outputs {args.reference_outputs}: no output for {len(missing)} of "
+                             f"{len(prompts)} prompts (ids {', '.join(missing[:5])}{more})")
+    if not (os.path.isdir(args.ranker) or (args.ranker.count("/") == 1 and not os.path.exists(args.ranker)
+                                           and not args.ranker.startswith((".", "/")))):
+        raise InputError(f"--ranker {args.ranker}: no such ranker directory")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {args.out}: cannot create it ({e.strerror})")
+    if args.prompts is None:
+        write_text(args.prompts_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts))
+    ids = [r["id"] for r in prompts]
+    t0 = time.time()
+
+    # --- responses
+    outputs = {name: read_outputs(generate(name, model, args, set(ids))) for name, model in models}
+    if reference is not None:
+        outputs[base_name] = {r["id"]: (r["prompt"], reference[r["prompt"]]) for r in prompts}
+    # generate.py skips prompts longer than a model's context: compare every model on the same prompts.
+    kept = [i for i in ids if all(i in out for out in outputs.values())]
+    if len(kept) < len(ids):
+        print(f"warning: {len(ids) - len(kept)} of {len(ids)} prompts have no response from some model "
+              "(longer than its context); they are left out", file=sys.stderr)
+    if len(kept) < 2:
+        raise InputError("fewer than 2 prompts were answered by every model")
+
+    # --- judgments
+    loaded = []
+
+    def ranker():  # loaded on first use: a rerun with every judgment cached never loads PairRM (or torch)
+        if not loaded:
+            import torch
+            from rank import load_ranker
+            args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 8)
+            dtype = args.ranker_dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+            loaded.append(load_ranker(args.ranker, device=args.device, dtype=dtype))
+        return loaded[0]
+
+    base = outputs[base_name]
+    base_len = np.array([len(base[i][1]) for i in kept], dtype=np.float64)
+    results = {}
+    for name in ([base_name] if reference is not None else []) + [n for n, _ in models]:
+        out = outputs[name]
+        lens = np.array([len(out[i][1]) for i in kept], dtype=np.float64)
+        if name == base_name:  # against itself: a tie by definition
+            wr, se, lc, lc_se = 0.5, 0.0, 0.5, 0.0
+        else:
+            o = judge(name, base_name, [(i, out[i][0], out[i][1], base[i][1]) for i in kept], args, ranker)
+            wr, se = win_rate(o)
+            lc, lc_se = length_controlled_win_rate(o, lens, base_len)
+        results[name] = {"win_rate": wr, "se": se, "lc_win_rate": lc, "lc_se": lc_se,
+                         "mean_length": float(lens.mean()), "n": len(kept)}
+        if name != base_name:
+            print(f"evaluate: {name} vs {base_name}: win rate {100 * wr:.2f} ± {100 * se:.2f}%, "
+                  f"LC {100 * lc:.2f}%, mean length {lens.mean():.0f} vs {base_len.mean():.0f}", file=sys.stderr)
+
+    # --- write
+    write_json(os.path.join(args.out, "results.json"),
+               {"baseline": base_name, "ranker": args.ranker, "prompts": args.prompts or args.reference_outputs,
+                "n_prompts": len(kept), "length_unit": "characters", "models": results})
+    table = markdown_table(results, base_name, args.ranker)
+    write_text(os.path.join(args.out, "results.md"), table)
+    plot(os.path.join(args.out, "winrate.png"), results, base_name)
+    for name, _ in models:
+        rows = [{"instruction": outputs[name][i][0], "output": outputs[name][i][1], "generator": name} for i in kept]
+        write_json(os.path.join(args.out, "alpaca_eval", name, "model_outputs.json"), rows)
+    print(table)
+    print(f"evaluate: {len(models)} models on {len(kept)} prompts in {time.time() - t0:.1f}s -> {args.out}",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,313 @@
+"""Stage 2 of SPPO: the KxK head-to-head preference matrix of each prompt's responses, by PairRM.
+
+    python rank.py --in runs/tiny/iter1/generated.jsonl --out runs/tiny/iter1/ranked.jsonl --ranker runs/tiny/world/ranker
+    # one process per GPU, each on its own shard; `cat` the outputs afterwards:
+    CUDA_VISIBLE_DEVICES=3 python rank.py --in gen.jsonl --out ranked.3.jsonl --shard 3/8
+
+Input: generate.py's JSONL {"id", "prompt", "responses": [K strings], ...}. Output: the same records plus
+"logits" (KxK raw PairRM logits M, M_ij > 0: y_i beats y_j, diagonal 0), "probs" (KxK P_ij = P(y_i > y_j | x))
+and "win_rate" (W_i = mean_j P_ij, diagonal 1/2 included), and the settings under "rank".
+
+Every ordered pair (i, j), i != j, is one PairRM forward row, encoded exactly as PairRM's own tokenize_pair
+does. The rows of many prompts are sorted by length and run in large batches (the released code runs
+K(K-1) forwards of batch size 1 per prompt).
+
+--prob-mode pairwise (default): P_ij = (sigmoid(M_ij) + 1 - sigmoid(M_ji)) / 2, a true head-to-head
+probability from both orders of the pair. --prob-mode bt: the released code's Bradley-Terry shortcut
+P_ij = sigmoid(s_i - s_j), s_i = mean_j (M_ij - M_ji), which depends on the other candidates.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+
+from common import (InputError, ResumableWriter, check_paths, field, main_guard, parse_shard, progress,
+                    prompt_id, read_jsonl, take_shard)
+
+# PairRM's input format (llm_blender.blender.blender_utils.tokenize_pair, the PairRM-hf model card)
+SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
+SOURCE_MAX_LENGTH = 1224  # tokens of [CLS] <|source|> prompt [SEP]
+MAX_LENGTH = 2048  # the two candidates share what the source leaves of this, half each
+
+
+# -----------------------------------------------------------------------------
+# the math: numpy in, numpy out; M, P are [..., K, K]
+
+def sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))  # no overflow for large |x|
+
+
+def pairwise_probs(M):
+    """Head-to-head P(y_i > y_j | x) from PairRM logits M (M_ij: y_i in the first slot, y_j in the second).
+
+    P_ij = ( sigmoid(M_ij) + 1 - sigmoid(M_ji) ) / 2: PairRM has a position bias (M_ij != -M_ji), so both
+    orders of the pair are averaged. P_ij + P_ji = 1 and P_ii = 1/2 by construction.
+    """
+    S = sigmoid(M)
+    return (S + 1.0 - np.swapaxes(S, -1, -2)) / 2.0
+
+
+def bt_scores(M):
+    """The released code's per-candidate score s_i = (1/K) sum_j (M_ij - M_ji), the diagonal (0) included:
+    llm-blender's Blender.rank(return_scores=True)."""
+    M = np.asarray(M, dtype=np.float64)
+    return (M - np.swapaxes(M, -1, -2)).mean(axis=-1)
+
+
+def bt_probs(M):
+    """The released code's Bradley-Terry shortcut: P_ij = sigmoid(s_i - s_j), s = bt_scores(M).
+    Unlike pairwise_probs, P_ij depends on every other candidate of the prompt, not only on y_i and y_j."""
+    s = bt_scores(M)
+    return sigmoid(s[..., :, None] - s[..., None, :])
+
+
+def win_rates(P):
+    """W_i = (1/K) sum_j P_ij: y_i's win rate against the current policy, P_ii = 1/2 included as released."""
+    return np.asarray(P, dtype=np.float64).mean(axis=-1)
+
+
+PROB_MODES = {"pairwise": pairwise_probs, "bt": bt_probs}
+
+
+# -----------------------------------------------------------------------------
+# llm-blender under transformers 5
+
+def import_llm_blender():
+    """The llm_blender module (llm-blender 0.0.2), made importable and usable under transformers >= 5.
+
+    Two things it relies on are gone in transformers 5 (llm-blender issue "ImportError: cannot import name
+    'TRANSFORMERS_CACHE' from 'transformers.utils.hub'"; the library is unmaintained):
+    - transformers.utils.hub.TRANSFORMERS_CACHE, imported at module level by llm_blender.blender: point it at
+      the hub cache, which is what it meant;
+    - tokenizer.batch_encode_plus, called by the collators that Blender.rank uses: replace the collator's
+      one helper that calls it with the same call through tokenizer(...).
+    """
+    import huggingface_hub
+    import transformers.utils.hub
+    if not hasattr(transformers.utils.hub, "TRANSFORMERS_CACHE"):
+        transformers.utils.hub.TRANSFORMERS_CACHE = huggingface_hub.constants.HF_HUB_CACHE
+    import llm_blender
+    from llm_blender.pair_ranker import collator
+
+    def encode_texts(texts, tokenizer, max_length=None):
+        p = tokenizer(texts, max_length=max_length, padding="max_length", return_tensors="pt", truncation=True)
+        return p["input_ids"], p["attention_mask"]
+    collator.encode_texts = encode_texts
+    return llm_blender
+
+
+def pairrm_class():
+    """llm-blender's DebertaV2PairRM (plain transformers). Loaded from its file alone: `import llm_blender`
+    also imports vLLM and every reward model llm-blender knows (~10 s), none of which ranking needs."""
+    spec = importlib.util.find_spec("llm_blender")
+    if spec is None:
+        raise InputError("the llm-blender package (PairRM's model class) is not installed: pip install llm-blender")
+    path = os.path.join(spec.submodule_search_locations[0], "pair_ranker", "pairrm.py")
+    module_spec = importlib.util.spec_from_file_location("_llm_blender_pairrm", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.DebertaV2PairRM
+
+
+def check_ranker_path(path):
+    """InputError unless `path` is a complete ranker directory or looks like a hub id (checked when loading)."""
+    if os.path.isdir(path):
+        missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(path, f))]
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "spm.model")):
+            missing.append("tokenizer.json or spm.model")
+        if missing:
+            raise InputError(f"--ranker {path}: incomplete ranker directory (no {', '.join(missing)})")
+    elif os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise InputError(f"--ranker {path}: no such ranker directory")
+
+
+def load_ranker(path, device="cpu", dtype="fp32"):
+    """(model, tokenizer) of PairRM from a hub id (llm-blender/PairRM-hf) or a local save_pretrained directory.
+
+    A complete local directory (config.json, model.safetensors, tokenizer) needs no download: the backbone
+    is built from config.json, not from microsoft/deberta-v3-large. Bad paths are an InputError.
+    """
+    check_ranker_path(path)
+    import torch
+    from transformers import AutoTokenizer
+    cls = pairrm_class()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+    except Exception as e:  # hub, config and weight errors come in many types; all mean "cannot load"
+        raise InputError(f"--ranker {path}: cannot load PairRM ({type(e).__name__}: {str(e).strip().splitlines()[0]})")
+    for name, token in (("source_prefix_id", SOURCE_PREFIX), ("cand1_prefix_id", CAND1_PREFIX),
+                        ("cand2_prefix_id", CAND2_PREFIX)):
+        if getattr(model.config, name, None) != tokenizer.convert_tokens_to_ids(token):
+            raise InputError(f"--ranker {path}: config {name} does not match the tokenizer's {token} (not a PairRM checkpoint?)")
+    return model.to(device).eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# encoding and scoring
+
+def _clean(text):
+    # A response that contains one of PairRM's marker strings would give its row a second marker token and
+    # misalign the model's gather of marker positions; PairRM itself would crash on it. Blank them out.
+    for marker in (SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX):
+        if marker in text:
+            text = text.replace(marker, " ")
+    return text
+
+
+def _truncate(ids, n):
+    """What tokenizer.encode(..., max_length=n, truncation=True) gives: [CLS] + first n-2 tokens + [SEP]."""
+    return ids if len(ids) <= n else ids[: n - 1] + ids[-1:]
+
+
+def encode_pairs(tokenizer, pairs):
+    """Token ids of PairRM's input for each (source, candidate1, candidate2): identical to llm-blender's
+    tokenize_pair, i.e. [CLS] <|source|> x [SEP] [CLS] <|candidate1|> y1 [SEP] [CLS] <|candidate2|> y2 [SEP],
+    the source cut to 1224 tokens and each candidate to (2048 - len(source)) // 2. Every distinct string is
+    tokenised once, untruncated; truncation then only cuts the token list (what the tokenizer does too)."""
+    cand1_id, cand2_id = tokenizer.convert_tokens_to_ids(CAND1_PREFIX), tokenizer.convert_tokens_to_ids(CAND2_PREFIX)
+    sources = sorted({s for s, _, _ in pairs})
+    cands = sorted({c for _, a, b in pairs for c in (a, b)})
+    enc = tokenizer([SOURCE_PREFIX + _clean(s) for s in sources] + [CAND1_PREFIX + _clean(c) for c in cands])["input_ids"]
+    src = {s: _truncate(ids, SOURCE_MAX_LENGTH) for s, ids in zip(sources, enc)}
+    c1 = dict(zip(cands, enc[len(sources):]))
+    c2 = {}
+    for c, ids in c1.items():
+        # Both markers are added tokens, so the text after them tokenises the same way: swap the one id.
+        k = ids.index(cand1_id)
+        c2[c] = ids[:k] + [cand2_id] + ids[k + 1:]
+    rows = []
+    for s, a, b in pairs:
+        n = (MAX_LENGTH - len(src[s])) // 2
+        rows.append(src[s] + _truncate(c1[a], n) + _truncate(c2[b], n))
+    return rows
+
+
+def pair_logits(model, tokenizer, pairs, batch_size=8, device="cpu", progress_bar=None):
+    """PairRM logit M for each (source, candidate1, candidate2): M > 0 means candidate1 is preferred.
+
+    Rows of all pairs are sorted by length and run batch_size at a time (right padding, which PairRM trims
+    to the longest row of each batch), so pairs of many prompts share forwards. float64 array [len(pairs)].
+    """
+    import torch
+    rows = encode_pairs(tokenizer, pairs)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = np.empty(len(rows), dtype=np.float64)
+    pad = tokenizer.pad_token_id
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in idx], device=device)
+            mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in idx], device=device)
+            logits = model(input_ids=ids, attention_mask=mask, return_dict=True).logits
+            out[idx] = logits.float().cpu().numpy()
+            if progress_bar is not None:
+                progress_bar.update(len(idx))
+    return out
+
+
+def ordered_pairs(k):
+    """Every (i, j) with i != j: the off-diagonal cells of the KxK matrix."""
+    return [(i, j) for i in range(k) for j in range(k) if i != j]
+
+
+# -----------------------------------------------------------------------------
+
+def load_records(path):
+    """Generated records, checked: each with a string prompt and the same number K >= 2 of string responses."""
+    records, seen, k = [], {}, None
+    for n, rec in read_jsonl(path):
+        prompt = field(path, n, rec, "prompt", str)
+        responses = field(path, n, rec, "responses", list)
+        if not responses:
+            raise InputError(f"{path}:{n}: field 'responses' is empty")
+        if len(responses) < 2:
+            raise InputError(f"{path}:{n}: field 'responses' has 1 response; ranking needs at least 2")
+        bad = next((i for i, r in enumerate(responses) if not isinstance(r, str)), None)
+        if bad is not None:
+            raise InputError(f"{path}:{n}: field 'responses' item {bad} should be str, got {type(responses[bad]).__name__}")
+        if k is None:
+            k = len(responses)
+        elif len(responses) != k:
+            raise InputError(f"{path}:{n}: field 'responses' has {len(responses)} responses, the first record has {k}")
+        rid = rec.get("id", prompt_id(prompt))
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise InputError(f"{path}:{n}: field 'id' should be a string, got {type(rid).__name__}")
+        rid = rec["id"] = str(rid)
+        if rid in seen:
+            raise InputError(f"{path}:{n}: field 'id' repeats '{rid}' from line {seen[rid]}")
+        seen[rid] = n
+        records.append((n, rec))
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records, k
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in", dest="inp", required=True, help="generate.py's output JSONL")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="PairRM hub id or local directory")
+    ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise")
+    ap.add_argument("--batch-size", type=int, default=None, help="pair rows per forward (default: 32 cuda, 8 cpu)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--shard", default="0/1", help="i/n: this process takes records whose position mod n == i")
+    ap.add_argument("--write-every", type=int, default=256, help="prompts per scoring call; finished ones are saved")
+    args = ap.parse_args()
+
+    # --- check everything before loading a model
+    shard = parse_shard(args.shard)
+    records, k = load_records(args.inp)
+    records = take_shard(records, shard)
+    check_paths([args.inp], args.out)
+    if args.batch_size is not None and args.batch_size < 1 or args.write_every < 1:
+        raise InputError("--batch-size and --write-every must be at least 1")
+    writer = ResumableWriter(args.out, {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k}, "rank")
+    check_ranker_path(args.ranker)
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    batch_size = args.batch_size or (32 if device.startswith("cuda") else 8)
+    todo = [(n, r) for n, r in records if r["id"] not in writer.done]
+    cells = ordered_pairs(k)
+    print(f"rank: {len(records)} prompts in shard {args.shard}, {len(records) - len(todo)} already done, "
+          f"{len(todo)} to do, K={k}, {len(todo) * len(cells)} pairs, prob_mode={args.prob_mode}", file=sys.stderr)
+
+    # --- rank
+    t0 = time.time()
+    if todo:
+        model, tokenizer = load_ranker(args.ranker, device, dtype)
+        t0 = time.time()
+        bar = progress(total=len(todo) * len(cells), desc="rank", unit="pair")
+        for start in range(0, len(todo), args.write_every):
+            part = todo[start:start + args.write_every]
+            pairs = [(r["prompt"], r["responses"][i], r["responses"][j]) for _, r in part for i, j in cells]
+            flat = pair_logits(model, tokenizer, pairs, batch_size, device, bar)
+            out = []
+            for p, (n, r) in enumerate(part):
+                M = np.zeros((k, k))
+                for c, (i, j) in enumerate(cells):
+                    M[i, j] = flat[p * len(cells) + c]
+                if not np.isfinite(M).all():
+                    raise InputError(f"{args.inp}:{n}: the ranker gave non-finite logits for record '{r['id']}'")
+                P = PROB_MODES[args.prob_mode](M)
+                out.append({**r, "logits": M.tolist(), "probs": P.tolist(), "win_rate": win_rates(P).tolist()})
+            writer.write(out)
+        bar.close()
+    writer.close([r["id"] for _, r in records])
+    dt = time.time() - t0
+    n_pairs = len(todo) * len(cells)
+    print(f"rank: {len(todo)} prompts, {n_pairs} pairs in {dt:.1f}s ({n_pairs / max(dt, 1e-9):.1f} pairs/s) "
+          f"-> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,226 @@
+"""train_sppo.py on the tiny policy: the loss by hand, step 1 equals the reference, training moves the
+log-ratios toward their targets, torchrun on 2 CPU processes equals 1 process, the checkpoint reloads,
+reruns are idempotent, and bad data is refused before a model loads."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_jsonl, run_stage, write_jsonl
+
+sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
+import world as toy  # noqa: E402
+from common import InputError  # noqa: E402
+from train_sppo import read_ranked, select_responses, sppo_loss  # noqa: E402
+
+TRAIN = "train_sppo.py"
+# One thread per process: the tiny model gains nothing from more, and on a busy 2-core machine torch's
+# default threads oversubscribe it (a single run measured 80x slower).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# Tiny-demo hyperparameters: every step sees all 16 prompts, so the losses of successive steps compare.
+TINY = ["--eta", 5, "--lr", 3e-4, "--optimizer", "adamw", "--warmup-ratio", 0, "--batch-size", 16,
+        "--micro-batch-size", 4, "--max-length", 96, "--max-prompt-length", 48, "--seed", 1]
+
+
+def ranked_records(world, n=16, k=4, seed=0):
+    """Ranked records as rank.py writes them: toy answers, P from the toy judge's scores, W = row means of P."""
+    rng = random.Random(seed)
+    prompts = read_jsonl(world / "prompts.jsonl")[:n]
+    out = []
+    for p in prompts:
+        responses = [toy.make_answer(rng, p["prompt"]) for _ in range(k)]
+        s = [toy.judge_score(r) + rng.gauss(0, 0.3) for r in responses]
+        probs = [[1 / (1 + math.exp(s[j] - s[i])) for j in range(k)] for i in range(k)]
+        out.append({"id": p["id"], "prompt": p["prompt"], "responses": responses, "logits": probs, "probs": probs,
+                    "win_rate": [sum(row) / k for row in probs], "rank": {"ranker": "toy"}})
+    return out
+
+
+def train(world, data, out, *extra, check=True, nproc=None):
+    args = ["--model", world / "policy", "--data", data, "--out", out, *TINY, *extra]
+    if nproc is None:
+        return run_stage(TRAIN, *args, check=check, env=ONE_THREAD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533",
+           os.path.join(ROOT, TRAIN), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def targets(recs, select, eta=5.0):
+    return [eta * (r["win_rate"][i] - 0.5) for r in recs for i in select_responses(r["win_rate"], select)]
+
+
+@pytest.fixture(scope="module")
+def data(world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "ranked.jsonl"
+    write_jsonl(path, ranked_records(world))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(world, data, tmp_path_factory):
+    """One single-process run of 6 steps on all 4 responses per prompt (the paper's Algorithm 1)."""
+    out = tmp_path_factory.mktemp("run") / "ckpt"
+    p = train(world, data, out, "--select", "all", "--epochs", 6)
+    return out, p
+
+
+# -----------------------------------------------------------------------------
+# the loss, by hand
+
+def test_sppo_loss_by_hand():
+    policy, ref = torch.tensor([-10.0, -20.0, -5.0]), torch.tensor([-12.0, -19.0, -5.0])
+    w = torch.tensor([0.9, 0.2, 0.5])
+    # (2 - 1000*0.4)^2, (-1 + 1000*0.3)^2, 0
+    assert sppo_loss(policy, ref, w, 1000).tolist() == pytest.approx([398.0 ** 2, 299.0 ** 2, 0.0])
+    # best-worst: the argmax and argmin of W, averaged: the released 'sppo' loss, 1/2 [(a_w - ..)^2 + (a_l - ..)^2]
+    wr = [0.2, 0.9, 0.5, 0.1]
+    assert select_responses(wr, "best-worst") == [1, 3] and select_responses(wr, "all") == [0, 1, 2, 3]
+    a = torch.tensor([0.5, 1.0, -1.0, 2.0])
+    err = sppo_loss(a, torch.zeros(4), torch.tensor(wr), 10.0)
+    best_worst = err[select_responses(wr, "best-worst")].mean().item()
+    assert best_worst == pytest.approx(((1.0 - 4.0) ** 2 + (2.0 + 4.0) ** 2) / 2)
+    assert err.mean().item() == pytest.approx(((0.5 + 3) ** 2 + (1 - 4) ** 2 + 1 + (2 + 4) ** 2) / 4)
+    assert select_responses([0.5, 0.5, 0.5], "best-worst") == [0, 0]  # ties: the first index, as numpy's arg-max/min
+
+
+# -----------------------------------------------------------------------------
+# a training run
+
+def test_training_moves_log_ratios_toward_targets(world, data, trained):
+    out, p = trained
+    recs = read_jsonl(data)
+    log = read_jsonl(out / "train_log.jsonl")
+    assert [x["step"] for x in log] == list(range(1, 7))
+    # step 1 runs on the starting weights: the policy is the reference, every log-ratio is 0
+    t = targets(recs, "all")
+    assert abs(log[0]["log_ratio"]) < 1e-4 and abs(log[0]["log_ratio_pos"]) < 1e-4
+    assert log[0]["loss"] == pytest.approx(sum(x * x for x in t) / len(t), rel=1e-4)
+    assert log[0]["target"] == pytest.approx(sum(t) / len(t), rel=1e-4, abs=1e-6)
+    # responses that win more than half their games gain log-probability, losers lose it; the loss falls
+    assert log[-1]["log_ratio_pos"] > 0.3 and log[-1]["log_ratio_neg"] < -0.3
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    # linear decay from 3e-4 without warm-up (the release's schedule, warm-up ratio 0 here)
+    assert [x["lr"] for x in log] == pytest.approx([3e-4 * (1 - s / 6) for s in range(6)])
+    assert all(x["tokens_per_s"] > 0 and x["grad_norm"] > 0 and x["tokens"] > 0 for x in log)
+    # readable progress and a summary
+    lines = p.stderr.splitlines()
+    assert sum(line.startswith("step ") and "tok/s" in line for line in lines) == 6
+    assert "tokens/s" in lines[-1] and "peak memory" in lines[-1]
+    # a complete save_pretrained directory, and no temporary left
+    names = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
+            "train_log.jsonl", "sppo_train.json"} <= names
+    assert not os.path.exists(str(out) + ".tmp")
+    meta = json.load(open(out / "sppo_train.json"))
+    assert meta["settings"]["select"] == "all" and meta["stats"]["steps"] == 6
+    config = json.load(open(out / "config.json"))
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+
+
+def test_checkpoint_reloads_and_rerun_is_idempotent(world, data, trained, tmp_path):
+    out, _ = trained
+    from transformers import AutoModelForCausalLM
+    before = AutoModelForCausalLM.from_pretrained(world / "policy").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    # generate.py samples from it (the HF engine here; vLLM loads the same directory)
+    run_stage("generate.py", "--model", out, "--prompts", world / "prompts.jsonl", "--out", tmp_path / "g.jsonl",
+              "--engine", "hf", "--limit", 4, "--k", 2, "--max-tokens", 32)
+    recs = read_jsonl(tmp_path / "g.jsonl")
+    assert len(recs) == 4 and sum(len(x) > 0 for r in recs for x in r["responses"]) >= 6
+    # the same run again finds the checkpoint and does nothing; other settings are refused by name
+    stamp = os.path.getmtime(out / "model.safetensors")
+    p = train(world, data, out, "--select", "all", "--epochs", 6)
+    assert p.stderr.strip().splitlines()[-1] == f"train: {out} exists, nothing to do"
+    assert os.path.getmtime(out / "model.safetensors") == stamp
+    p = train(world, data, out, "--select", "all", "--epochs", 6, "--lr", 1e-4, check=False)
+    assert p.returncode == 2 and "lr=0.0003" in p.stderr and "lr=0.0001" in p.stderr
+
+
+@pytest.mark.slow
+def test_vllm_loads_the_checkpoint(world, trained, tmp_path):
+    from conftest import require_vllm
+    require_vllm()
+    out, _ = trained
+    run_stage("generate.py", "--model", out, "--prompts", world / "prompts.jsonl", "--out", tmp_path / "g.jsonl",
+              "--engine", "vllm", "--limit", 4, "--k", 2, "--max-tokens", 32, "--kv-cache-gb", 0.1)
+    assert len(read_jsonl(tmp_path / "g.jsonl")) == 4
+
+
+def test_torchrun_two_processes_equal_one(world, data, tmp_path):
+    """Best-worst (the default), once in 1 process and once in 2 (gloo, FSDP2): the same global batches, so
+    the same losses and gradient norms, and the same weights written. 16 prompts in batches of 12 leave a
+    short second batch whose empty micro-batches the processes must still run. A stale OUT.tmp from an
+    interrupted run is cleared."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    os.makedirs(str(two) + ".tmp")
+    open(str(two) + ".tmp/model.safetensors", "w").write("half-written")
+    settings = ["--epochs", 2, "--batch-size", 12, "--micro-batch-size", 2]
+    train(world, data, one, *settings)
+    train(world, data, two, *settings, nproc=2)
+    a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
+    assert len(a) == len(b) == 4
+    # step 1 runs on the starting weights, so the policy is the reference: every log-ratio is 0 and the loss
+    # is the mean of (eta (W - 1/2))^2 over the best and worst response of the first batch's prompts (the
+    # first 12 of a permutation seeded by --seed)
+    recs = read_jsonl(data)
+    first = torch.randperm(len(recs), generator=torch.Generator().manual_seed(1)).tolist()[:12]
+    t = targets([recs[i] for i in first], "best-worst")
+    assert a[0]["log_ratio"] == 0 and a[0]["log_ratio_pos"] == 0
+    assert a[0]["loss"] == pytest.approx(sum(x * x for x in t) / len(t), rel=1e-6)
+    for x, y in zip(a, b):
+        for key in ("loss", "log_ratio_pos", "log_ratio_neg", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+        assert x["tokens"] == y["tokens"] and x["lr"] == y["lr"]
+    from safetensors.torch import load_file
+    sa, sb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert sa.keys() == sb.keys()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+    assert json.load(open(two / "sppo_train.json"))["stats"]["processes"] == 2
+    assert not os.path.exists(str(two) + ".tmp")
+
+
+# -----------------------------------------------------------------------------
+# bad data: one line, exit 2, no output, before any model loads
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.pop("win_rate"), "field 'win_rate' is missing"),
+    (lambda r: r["win_rate"].pop(), "'win_rate' has 3 values for K=4"),
+    (lambda r: r["responses"].pop(), "has K=3 responses, the first record has K=4"),
+    (lambda r: r["win_rate"].__setitem__(0, 1.5), "field 'win_rate' has 1.5"),
+    (lambda r: r["probs"][1].__setitem__(2, -0.1), "field 'probs' has -0.1"),
+    (lambda r: r["probs"].pop(), "'probs' should be a 4x4 matrix"),
+], ids=["no-win-rate", "short-win-rate", "k-mismatch", "win-rate-above-1", "negative-prob", "probs-not-kxk"])
+def test_bad_records_are_refused(world, tmp_path, change, message):
+    recs = ranked_records(world, n=3)
+    change(recs[2])
+    write_jsonl(tmp_path / "bad.jsonl", recs)
+    with pytest.raises(InputError, match="bad.jsonl:3: "):
+        try:
+            read_ranked(str(tmp_path / "bad.jsonl"), "best-worst")
+        except InputError as e:
+            assert message in str(e), str(e)
+            raise
+
+
+def test_bad_data_cli(world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    recs = ranked_records(world, n=3)
+    recs[1]["win_rate"][0] = float("nan")
+    with open(bad, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in recs) + "\n")  # json writes NaN, as a careless stage might
+    out = tmp_path / "ckpt"
+    for path, message in [(bad, "bad.jsonl:2: malformed JSON (NaN is not allowed)"), (tmp_path / "empty.jsonl", "no records")]:
+        open(tmp_path / "empty.jsonl", "w").close()
+        # a missing model would fail too: the data is checked first
+        p = run_stage(TRAIN, "--model", tmp_path / "no-model", "--data", path, "--out", out, check=False, env=ONE_THREAD)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+        assert not os.path.exists(out) and not os.path.exists(str(out) + ".tmp")
