@@ -1,6 +1,5 @@
 """evaluate.py: the win-rate math on synthetic outcomes, and the whole stage on the tiny world's models."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -108,10 +107,6 @@ def evaluate(ws, *extra, check=True, models=None):
 @pytest.fixture(scope="module")
 def ws(world, tmp_path_factory):
     """One evaluation of the tiny policy (base) and a perturbed copy (iter1) against base, shared by the tests below."""
-    if not (world / "ranker").is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the tiny world has no ranker")
-        pytest.skip("the tiny world has no ranker (rebuild it with examples/tiny/build.py)")
     tmp = tmp_path_factory.mktemp("evaluate")
     # prompts without ids: their ids are the SHA-1 of the text, the ids --reference-outputs gives them too
     prompts = [{"prompt": r["prompt"]} for r in read_jsonl(world / "eval_prompts.jsonl")[:N_PROMPTS]]

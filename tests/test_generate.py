@@ -1,5 +1,4 @@
 """generate.py on the tiny policy: both engines, seeds, shards, resume after a kill, bad input."""
-import json
 import os
 import signal
 import subprocess
