@@ -94,30 +94,17 @@ def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16
         n_tasks=1, drop_out=0.05, sep_token_id=tok.sep_token_id, **ids)
     torch.manual_seed(seed)
     model = pairrm_class()(config)
-    # Matrices this small gain nothing from more threads, and on a busy machine each extra thread's
-    # synchronisation costs more than the work (10x slower measured with 2 threads on 2 shared cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     # Both orders of every pair: PairRM's loss, -log sigmoid(+-M), is BCE on M with label 1 / 0.
     rows = encode_pairs(tok, [(p, a, b) for p, a, b, _ in train] + [(p, b, a) for p, a, b, _ in train])
     labels = torch.tensor([y for *_, y in train] + [1 - y for *_, y in train])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
+
+    def batch_loss(g):
         idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
         input_ids, mask = batch([rows[i] for i in idx], tok.pad_token_id)
         M = model(input_ids=input_ids, attention_mask=mask, return_dict=True).logits
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(M, labels[idx])
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"  ranker step {step:4d}/{steps}  loss {loss.item():.3f}")
-    model.eval()
+        return torch.nn.functional.binary_cross_entropy_with_logits(M, labels[idx])
+    world.fit(model, steps, lr, batch_loss, seed, "ranker", log)
 
     # Held-out pairwise accuracy, both orders: where the judge decides, the sign of M must follow it.
     test_rows = encode_pairs(tok, [(p, a, b) for p, a, b, _ in test] + [(p, b, a) for p, a, b, _ in test])
@@ -125,7 +112,6 @@ def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16
     with torch.no_grad():
         M = torch.cat([model(*batch(test_rows[i:i + 64], tok.pad_token_id), return_dict=True).logits
                        for i in range(0, len(test_rows), 64)])
-    torch.set_num_threads(threads)
     decided = test_labels != 0.5
     accuracy = ((M[decided] > 0).float() == test_labels[decided]).float().mean().item()
     log(f"  ranker held-out pairwise accuracy {accuracy:.3f} ({decided.sum().item()} ordered pairs the judge decides; "
@@ -148,5 +134,5 @@ def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # as in build.py
     build_ranker(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny_ranker")

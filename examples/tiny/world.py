@@ -80,3 +80,22 @@ def corpus(seed, n):
     """(prompt, answer) pairs for training the base policy and the tokenizer."""
     rng = random.Random(seed)
     return [(p, make_answer(rng, p)) for p in make_prompts(rng, n)]
+
+
+def fit(model, steps, lr, batch_loss, seed, name, log=print):
+    """The toy training loop both tiny models share: AdamW, one-cycle schedule, `steps` random batches.
+    batch_loss(generator) draws a batch with the seeded generator and returns its loss."""
+    import torch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        loss = batch_loss(g)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  {name} step {step:4d}/{steps}  loss {loss.item():.3f}")
+    model.eval()
