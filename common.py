@@ -9,7 +9,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 
 
 class InputError(Exception):
@@ -35,6 +37,9 @@ def main_guard(main):
 def read_jsonl(path):
     """Yield (line_number, record) for each non-blank line; every fault names the file and line."""
     if not os.path.isfile(path):
+        if os.path.exists(path + ".partial"):  # a stage never reads another's unfinished output
+            raise InputError(f"{path}: no such file ({path}.partial is the unfinished output of a stage that "
+                             "stopped; rerun that stage to complete it)")
         raise InputError(f"{path}: no such file")
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -141,18 +146,46 @@ def take_shard(records, shard):
 # -----------------------------------------------------------------------------
 # resumable atomic output
 
+_fault_hits = {}
+
+
+def fault_point(name, before_kill=None):
+    """Test hook for tests/test_faults.py: SPPO_FAULT=NAME[:N] SIGKILLs this process the N-th time (default
+    1st) it reaches the point NAME, so a test can stop a stage exactly where a kill hurts most. Points:
+    partial-written (a batch appended to OUT.partial and synced), torn-write (half a record line written:
+    set by ResumableWriter itself), before-rename (OUT.tmp complete, OUT not yet replaced), after-rename (OUT
+    in place, OUT.partial not yet removed), train-step (train_sppo.py: a step logged in OUT.tmp),
+    checkpoint-weights (the weights saved in OUT.tmp, not the tokenizer), checkpoint-written (OUT.tmp
+    complete, not yet renamed). Unset, it does nothing. before_kill() runs just before the kill."""
+    spec = os.environ.get("SPPO_FAULT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(spec.partition(":")[2] or 1):
+        if before_kill is not None:
+            before_kill()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def check_paths(inputs, out):
     """Refuse an output that would overwrite an input, or that cannot be written, before any work."""
     for p in inputs:
         if os.path.exists(p) and os.path.abspath(p) == os.path.abspath(out):
             raise InputError(f"{out}: the output path is the input path; choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isfile(parent):
+        raise InputError(f"{out}: cannot create the output directory ({parent} is a file)")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: cannot create the output directory ({e.strerror})")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{out}: the output directory {parent} is not writable")
+    try:  # try it: os.access says yes to root even where a write fails (read-only file systems, /proc)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"{out}: the output directory {parent} is not writable ({e.strerror})")
 
 
 class ResumableWriter:
@@ -180,12 +213,14 @@ class ResumableWriter:
         if len(keep) != len(data) and path == self.partial:
             with open(path, "r+b") as f:
                 f.truncate(len(keep))
-        for n, line in enumerate(keep.decode("utf-8", errors="strict").splitlines(), 1):
+        for n, line in enumerate(keep.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+                rec = json.loads(line.decode("utf-8"))
+                if not isinstance(rec, dict):
+                    raise ValueError("not an object")
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                 raise InputError(f"{path}:{n}: cannot resume from a malformed line; delete the file to start over")
             old = rec.get(self.key, {})
             for name, value in self.settings.items():
@@ -201,8 +236,16 @@ class ResumableWriter:
             self.file = open(self.partial, "a", encoding="utf-8")
         for rec in records:
             rec[self.key] = self.settings
-            self.file.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n"
+            if rec is records[-1]:
+                fault_point("torn-write", lambda: self._sync(line[: len(line) // 2]))
+            self.file.write(line)
             self.done[rec["id"]] = rec
+        self._sync()
+        fault_point("partial-written")
+
+    def _sync(self, text=""):
+        self.file.write(text)
         self.file.flush()
         os.fsync(self.file.fileno())
 
@@ -220,7 +263,9 @@ class ResumableWriter:
                 f.write(json.dumps(self.done[i], ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        fault_point("before-rename")
         os.replace(tmp, self.out)
+        fault_point("after-rename")
         if os.path.exists(self.partial):
             os.remove(self.partial)
 

@@ -29,12 +29,15 @@ def prompt_seed(seed, rid):
 
 def load_tokenizer(model):
     """The model's tokenizer; a missing or incomplete checkpoint is an InputError, not a traceback."""
-    from transformers import AutoTokenizer
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise InputError(f"--model {model}: directory has no config.json (not a checkpoint)")
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+        if not any(os.path.isfile(os.path.join(model, f)) for f in names):
+            raise InputError(f"--model {model}: the checkpoint has no tokenizer (none of {', '.join(names)})")
     elif os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
         raise InputError(f"--model {model}: no such checkpoint directory")
+    from transformers import AutoTokenizer  # after the path checks: its import takes seconds
     try:
         tok = AutoTokenizer.from_pretrained(model)
     except Exception as e:  # hub and tokenizer errors come in many types; all mean "cannot load"
@@ -175,11 +178,15 @@ def main():
     records = load_prompts(args.prompts)[: args.limit]
     records = take_shard(records, shard)
     check_paths([args.prompts], args.out)
-    tok = load_tokenizer(args.model)
     engine = pick_engine(args.engine)
     settings = {"model": args.model, "engine": engine, "k": args.k, "temperature": args.temperature,
                 "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed, "seed_mode": args.seed_mode}
     writer = ResumableWriter(args.out, settings, "generate")
+    for r in records:
+        if r["id"] in writer.done and writer.done[r["id"]].get("prompt") != r["prompt"]:
+            raise InputError(f"{args.prompts}: the prompt of id '{r['id']}' is not the one {args.out} answered; "
+                             "use another --out or delete it")
+    tok = load_tokenizer(args.model)
 
     # Prompts longer than the context cannot be answered: skip them, say how many.
     ctx = min(context_length(args.model), args.max_model_len or 1 << 30)

@@ -269,6 +269,14 @@ def main():
     if args.batch_size is not None and args.batch_size < 1 or args.write_every < 1:
         raise InputError("--batch-size and --write-every must be at least 1")
     writer = ResumableWriter(args.out, {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k}, "rank")
+    for n, r in records:  # resuming: what was ranked must be these very responses (not an older generation's)
+        old = writer.done.get(r["id"])
+        if old is not None and (old.get("prompt"), old.get("responses")) != (r["prompt"], r["responses"]):
+            was, now = old.get("generate") or {}, r.get("generate") or {}
+            name = next((x for x in {**was, **now} if was.get(x) != now.get(x)), None)
+            why = f"generated with {name}={now.get(name)!r}, not {was.get(name)!r}" if name else "other responses"
+            raise InputError(f"{args.inp}:{n}: record '{r['id']}' is not the one {args.out} ranked ({why}); "
+                             "use another --out or delete the old output")
     check_ranker_path(args.ranker)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,6 +293,10 @@ def main():
     t0 = time.time()
     if todo:
         model, tokenizer = load_ranker(args.ranker, device, dtype)
+        long = sum(len(tokenizer(SOURCE_PREFIX + _clean(r["prompt"]))["input_ids"]) > SOURCE_MAX_LENGTH for _, r in todo)
+        if long:
+            print(f"warning: {long} prompts are longer than PairRM's {SOURCE_MAX_LENGTH}-token source limit; it reads "
+                  "the start of each (as llm-blender does)", file=sys.stderr)
         t0 = time.time()
         bar = progress(total=len(todo) * len(cells), desc="rank", unit="pair")
         for start in range(0, len(todo), args.write_every):

@@ -21,6 +21,10 @@ NPROC=$(( GPUS > 0 ? GPUS : 1 ))    # processes per stage: one per GPU
 SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEED_MODE PROB_MODE ETA LR EPOCHS
           BATCH MICRO_BATCH OPTIMIZER WARMUP MAX_LENGTH MAX_PROMPT_LENGTH SELECT TRAIN_SEED GEN_ARGS RANK_ARGS TRAIN_ARGS"
 mkdir -p "$OUT"
+# One loop per OUT: the lock is held by this shell and inherited by its stages, so a second loop started
+# while this one (or a stage orphaned by killing this shell alone) still runs is refused.
+exec 9>> "$OUT/.lock"
+flock -n 9 || { echo "run_loop: another run is using $OUT (a loop or one of its stages); stop it first" >&2; exit 2; }
 current=$(for v in $SETTINGS; do echo "$v=${!v-}"; done)
 if [ -f "$OUT/settings.txt" ]; then
     differ=$(diff <(cat "$OUT/settings.txt") <(echo "$current") | grep '^>' | head -1 | cut -c3- || true)
@@ -30,7 +34,7 @@ if [ -f "$OUT/settings.txt" ]; then
         exit 2
     fi
 else
-    echo "$current" > "$OUT/settings.txt"
+    echo "$current" > "$OUT/settings.txt.tmp" && mv "$OUT/settings.txt.tmp" "$OUT/settings.txt"   # never half-written
 fi
 
 STAGES_RUN=0

@@ -38,10 +38,7 @@ import shutil
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
-from common import InputError, check_number, check_paths, field, main_guard, read_jsonl
+from common import InputError, check_number, check_paths, fault_point, field, main_guard, read_jsonl
 
 
 # -----------------------------------------------------------------------------
@@ -83,9 +80,9 @@ def read_ranked(path, select):
         if k0 is None:
             k0 = k
         if k != k0:
-            raise InputError(f"{path}:{n}: has K={k} responses, the first record has K={k0}")
+            raise InputError(f"{path}:{n}: field 'responses' has K={k} responses, the first record has K={k0}")
         if k < (2 if select == "best-worst" else 1):
-            raise InputError(f"{path}:{n}: has K={k} responses; --select {select} needs at least 2")
+            raise InputError(f"{path}:{n}: field 'responses' has K={k} responses; --select {select} needs at least 2")
         if not all(isinstance(r, str) for r in responses):
             raise InputError(f"{path}:{n}: field 'responses' should hold strings")
         if len(win_rate) != k:
@@ -155,6 +152,7 @@ def make_schedule(examples, epochs, batch_size, micro, seed):
     micro-batch pads little. Process r of N takes micro-batches r, r+N, ...: the global batch, and each
     micro-batch in it, is the same for any N. A short last batch leaves some micro-batches empty.
     """
+    import torch
     length = [max(len(e["prompt"]) + len(a) for a in e["responses"]) for e in examples]
     steps = []
     for epoch in range(epochs):
@@ -167,6 +165,7 @@ def make_schedule(examples, epochs, batch_size, micro, seed):
 
 def collate(examples, ids, pad, device):
     """Right-padded prompt+response rows for the micro-batch; labels mark the response tokens only."""
+    import torch
     rows = [(e["prompt"], a) for e in (examples[i] for i in ids) for a in e["responses"]]
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -181,6 +180,7 @@ def collate(examples, ids, pad, device):
 
 def sequence_logps(model, input_ids, mask, labels, autocast):
     """log pi(y|x): the sum of the response tokens' log-probs, one per row."""
+    import torch.nn.functional as F
     with autocast():
         logits = model(input_ids=input_ids, attention_mask=mask).logits
     targets = labels[:, 1:]
@@ -275,6 +275,7 @@ def main():
                          f"x {world} processes")
     records = read_ranked(args.data, args.select)
     check_paths([args.data, args.model], args.out)
+    import torch  # after the checks: a bad input is reported in a fraction of a second, not after its import
     cuda = torch.cuda.is_available()
     dtype = {"auto": "bf16" if cuda else "fp32"}.get(args.dtype, args.dtype)
     # What decides the weights written: a rerun with these equal has nothing to do.
@@ -420,6 +421,7 @@ def main():
         if master:
             log.write(json.dumps(final) + "\n")
             log.flush()
+            fault_point("train-step")
         print0(f"step {s + 1}/{len(steps)}  loss {final['loss']:.3e}  log-ratio {final['log_ratio']:+.3f}  "
                f"target {final['target']:+.3f}  (W>1/2 {final['log_ratio_pos']:+.3f}, W<1/2 {final['log_ratio_neg']:+.3f})  "
                f"|g| {final['grad_norm']:.2e}  lr {lr:.1e}  {final['tokens_per_s']:.0f} tok/s")
@@ -439,6 +441,7 @@ def main():
         first = {}
         tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
         model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
+        fault_point("checkpoint-weights")
         model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
         model.config.use_cache = True
         model.config.save_pretrained(tmp)
@@ -452,6 +455,11 @@ def main():
                      "peak_memory_kind": "cuda allocated" if cuda else "rss"}
         with open(os.path.join(tmp, "sppo_train.json"), "w") as f:
             json.dump({"settings": settings, "stats": stats_out}, f, indent=1)
+        for name in os.listdir(tmp):  # on disk before the rename, so not even a power cut leaves OUT half-written
+            if os.path.isfile(os.path.join(tmp, name)):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+        fault_point("checkpoint-written")
         os.rename(tmp, args.out)
     if ddp:
         dist.barrier()  # without it a process can exit while another still talks to it (gloo aborts)

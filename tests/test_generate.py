@@ -120,54 +120,6 @@ def test_partial_last_line_is_dropped_on_resume(world, tmp_path):
     assert read_jsonl(out) == read_jsonl(ref)
 
 
-def bad(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    return path
-
-
-@pytest.mark.parametrize("case,content,expect", [
-    ("malformed", '{"id": "a", "prompt": "Tell me about cats."}\n{"id": "b", "prompt": \n', ":2: malformed JSON"),
-    ("no_prompt", '{"id": "a", "prompt": "Tell me about cats."}\n{"id": "b", "text": "x"}\n', ":2: field 'prompt' is missing"),
-    ("empty_prompt", '{"id": "a", "prompt": "  "}\n', ":1: field 'prompt' is empty"),
-    ("wrong_type", '{"id": "a", "prompt": 3}\n', ":1: field 'prompt' should be str"),
-    ("dup_id", '{"id": "a", "prompt": "Tell me."}\n{"id": "a", "prompt": "Describe cats."}\n', ":2: field 'id' repeats"),
-    ("not_utf8", b'{"id": "a", "prompt": "caf\xe9"}\n', ":1: not valid UTF-8"),
-    ("empty_file", "", "no records"),
-])
-def test_bad_prompts(world, tmp_path, case, content, expect):
-    path = bad(tmp_path, f"{case}.jsonl", content)
-    before = path.read_bytes()
-    out = tmp_path / "out.jsonl"
-    p = run_stage(GEN, "--model", world / "policy", "--prompts", path, "--out", out, "--engine", "hf", check=False)
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], p.stderr
-    assert not out.exists() and not os.path.exists(str(out) + ".partial")
-    assert path.read_bytes() == before
-
-
-@pytest.mark.parametrize("case", ["missing_prompts", "missing_model", "not_a_checkpoint", "out_is_input"])
-def test_bad_paths(world, tmp_path, case):
-    prompts, model, out = world / "prompts.jsonl", world / "policy", tmp_path / "out.jsonl"
-    if case == "missing_prompts":
-        prompts, expect = tmp_path / "nope.jsonl", "no such file"
-    elif case == "missing_model":
-        model, expect = tmp_path / "no_model", "no such checkpoint"
-    elif case == "not_a_checkpoint":
-        model, expect = tmp_path, "no config.json"
-    else:
-        write_jsonl(tmp_path / "p.jsonl", read_jsonl(prompts)[:3])
-        prompts = out = tmp_path / "p.jsonl"
-        expect = "output path is the input path"
-    p = run_stage(GEN, "--model", model, "--prompts", prompts, "--out", out, "--engine", "hf", check=False)
-    assert p.returncode == 2 and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    if case != "out_is_input":
-        assert not out.exists()
-    else:
-        assert len(read_jsonl(out)) == 3  # the input is untouched
-
-
 def test_prompts_without_ids_get_stable_ids(world, tmp_path):
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Tell me about cats."}, {"prompt": "Describe rivers."}])
     run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl",

@@ -1,4 +1,4 @@
-"""run_loop.sh end to end on the tiny world: two iterations, reruns, a failing stage, a changed setting."""
+"""run_loop.sh end to end on the tiny world: two iterations, reruns, a failing stage, a changed setting, a lock."""
 import os
 import shutil
 import subprocess
@@ -55,3 +55,14 @@ def test_failing_stage_stops_and_rerun_continues(world, tmp_path):
     p = loop(world, out, RANKER=str(ranker), ITERS="1")
     assert "[iter 1] generate: done earlier" in p.stdout
     assert (out / "iter1" / "checkpoint" / "config.json").exists()
+
+
+def test_second_loop_on_the_same_out_is_refused(world, tmp_path):
+    import fcntl
+    out = tmp_path / "loop"
+    out.mkdir()
+    with open(out / ".lock", "a") as f:  # what a running loop (or a stage it left running) holds
+        fcntl.flock(f, fcntl.LOCK_EX)
+        p = loop(world, out, check=False)
+    assert p.returncode == 2 and "another run is using" in p.stderr
+    assert not (out / "iter1").exists()
