@@ -410,6 +410,7 @@ def main():
     print(table)
     print(f"evaluate: {len(models)} models on {len(kept)} prompts in {time.time() - t0:.1f}s -> {args.out}",
           file=sys.stderr)
+    print(f"plot: {os.path.join(args.out, 'winrate.png')}  table: {os.path.join(args.out, 'results.md')}")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ def make_schedule(examples, epochs, batch_size, micro, seed):
 
 
 def collate(examples, ids, pad, device):
-    """Right-padded prompt+response rows for the micro-batch; labels mark the response tokens only."""
+    """Left-padded prompt+response rows for the micro-batch, so every response ends at the last column;
+    labels mark the response tokens only. Position ids count real tokens, so padding changes nothing."""
     import torch
     rows = [(e["prompt"], a) for e in (examples[i] for i in ids) for a in e["responses"]]
     width = max(len(p) + len(a) for p, a in rows)
@@ -172,21 +173,25 @@ def collate(examples, ids, pad, device):
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (p, a) in enumerate(rows):
-        input_ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-        mask[i, :len(p) + len(a)] = 1
+        input_ids[i, width - len(p) - len(a):] = torch.tensor(p + a)
+        labels[i, width - len(a):] = torch.tensor(a)
+        mask[i, width - len(p) - len(a):] = 1
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
 def sequence_logps(model, input_ids, mask, labels, autocast):
-    """log pi(y|x): the sum of the response tokens' log-probs, one per row."""
-    import torch.nn.functional as F
+    """log pi(y|x): the sum of the response tokens' log-probs, one per row.
+
+    Memory: the logits (rows x positions x vocabulary) are the largest tensor of a step. Only the positions
+    that predict response tokens are computed (logits_to_keep; responses end at the last column), and the
+    log-probs are gather - logsumexp, which keeps no log-softmax copy for the backward pass."""
+    n = int((labels != -100).sum(-1).max())  # the longest response in the micro-batch
     with autocast():
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-    targets = labels[:, 1:]
-    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                            reduction="none")
-    return logp.view(targets.shape).sum(-1)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=n + 1).logits[:, :-1].float()
+    targets = labels[:, -n:]
+    logp = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return logp.masked_fill(targets == -100, 0.0).sum(-1)
 
 
 def lr_factor(step, total, warmup, kind):

@@ -9,7 +9,7 @@ from conftest import ROOT, read_jsonl
 
 def loop(world, out, check=True, **env):
     """Two small iterations of configs/tiny.env on the HF engine (the vLLM engine has its own tests)."""
-    e = dict(os.environ, SPPO_PROGRESS="0", PYTHON=sys.executable, WORLD=str(world), OUT=str(out), ITERS="2",
+    e = dict(os.environ, SPPO_PROGRESS="0", OMP_NUM_THREADS="1", PYTHON=sys.executable, WORLD=str(world), OUT=str(out), ITERS="2",
              N_PROMPTS="8", K="3", MAX_TOKENS="32", GEN_ARGS="--engine hf", BATCH="8", MICRO_BATCH="8",
              EPOCHS="1")
     e.update(env)

@@ -1,0 +1,279 @@
+"""Training throughput and memory: train_sppo.py against TRL's DPOTrainer(loss_type="sppo_hard"), the nearest
+maintained trainer, with its reference model held (its default) and with precompute_ref_log_probs=True.
+
+    python bench/bench_train.py --out bench/results/train.json      # random ~26M Llama, 64 pairs, CPU
+    python bench/bench_train.py --model runs/tiny/world/policy --out ...
+
+Same model, same best/worst pairs (hard targets: W = 1 for the winner, 0 for the loser), same global batch,
+micro-batch, optimizer (AdamW), learning rate schedule, gradient clipping and max length; responses of 20 to
+400 tokens. First, in this process, both losses are computed on the same 8 pairs with a policy that differs
+from its reference: TRL's sppo_hard sums the winner's and the loser's squared errors where train_sppo.py
+averages them, so TRL's loss must be exactly 2x ours. Then each trainer runs in its own fresh process,
+--repeats times, round-robin; tokens/s = prompt + response tokens of the trained rows / (reference
+log-probs + training) seconds, and peak memory is the process's peak RSS (also given above its RSS after the
+imports, which differ: TRL imports more).
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchutil import ROOT, machine, median, table, write_json
+
+# A Llama-style policy: hidden, layers, heads (head_dim 64), MLP width
+SIZES = {"tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+         "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408),
+         "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, intermediate_size=8192)}
+# Llama-3.2-1B's layers (1.07B parameters; its 128k-token embedding adds 0.26B: --vocab-size 128256)
+
+
+def rss_mb(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def random_policy(out, size, vocab_size=None, seed=0):
+    """A randomly initialised Llama of the given size with the tiny world's kind of tokenizer and chat template
+    (600 tokens; vocab_size: a larger embedding and output layer, whose extra rows no text ever uses)."""
+    import torch
+    import world
+    from build import build_tokenizer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    pairs = world.corpus(seed, 2000)
+    tok = build_tokenizer([p for p, _ in pairs] + [a for _, a in pairs], vocab_size=600)
+    config = LlamaConfig(vocab_size=max(len(tok), vocab_size or 0), **SIZES[size], head_dim=64, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    config.num_key_value_heads = config.num_attention_heads
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_pairs(tok, n, lo, hi, seed=0):
+    """n (prompt, winner, loser): toy answers cut to a length drawn uniformly from [lo, hi] tokens."""
+    import world
+    rng = random.Random(seed)
+    out = []
+    for prompt in world.make_prompts(rng, n):
+        texts = []
+        for _ in range(2):
+            target, text = rng.randint(lo, hi), ""
+            while len(tok(text)["input_ids"]) < target:
+                text += " " + world.make_answer(rng, prompt)
+            texts.append(tok.decode(tok(text.strip())["input_ids"][:target]).strip())
+        out.append((prompt, *texts))
+    return out
+
+
+def write_data(d, pairs):
+    with open(os.path.join(d, "ranked.jsonl"), "w") as f:
+        for i, (p, w, l) in enumerate(pairs):
+            f.write(json.dumps({"id": f"b{i}", "prompt": p, "responses": [w, l], "win_rate": [1.0, 0.0]}) + "\n")
+    with open(os.path.join(d, "pref.json"), "w") as f:
+        json.dump([{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": w}],
+                    "rejected": [{"role": "assistant", "content": l}]} for p, w, l in pairs], f)
+
+
+def trl_config(a, out, precompute, **kw):
+    from trl import DPOConfig
+    micro = min(a["micro_batch_size"], a["batch_size"])
+    return DPOConfig(output_dir=out, loss_type="sppo_hard", beta=1 / a["eta"], precompute_ref_log_probs=precompute,
+                     per_device_train_batch_size=micro, gradient_accumulation_steps=a["batch_size"] // micro,
+                     learning_rate=a["lr"], num_train_epochs=1, optim="adamw_torch", lr_scheduler_type="linear",
+                     warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_length=a["max_length"], seed=42,
+                     use_cpu=not a["cuda"], bf16=a["cuda"], report_to="none", save_strategy="no", logging_steps=1,
+                     disable_tqdm=True, dataloader_num_workers=0, **kw)
+
+
+def trl_trainer(a, model, d, precompute, pairs=None, ref_model=None, **kw):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+    with open(os.path.join(d, "pref.json")) as f:
+        rows = json.load(f)
+    ds = Dataset.from_list(rows[:pairs] if pairs else rows)
+    return DPOTrainer(model=model, ref_model=ref_model, args=trl_config(a, os.path.join(d, "trl_out"), precompute, **kw),
+                      train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(a["model"]))
+
+
+# -----------------------------------------------------------------------------
+# the workers: one trainer per fresh process; print one JSON line
+
+def worker(kind, d):
+    with open(os.path.join(d, "args.json")) as f:
+        a = json.load(f)
+    import torch
+    import transformers  # noqa: F401  (both sides import these before the baseline RSS is read)
+    if kind == "ours":
+        import runpy
+        base = rss_mb()
+        out = os.path.join(d, "ours_ckpt")
+        sys.argv = ["train_sppo.py", "--model", a["model"], "--data", os.path.join(d, "ranked.jsonl"), "--out", out,
+                    "--eta", str(a["eta"]), "--lr", str(a["lr"]), "--batch-size", str(a["batch_size"]),
+                    "--micro-batch-size", str(a["micro_batch_size"]), "--optimizer", "adamw", "--warmup-ratio", "0",
+                    "--max-length", str(a["max_length"]), "--max-prompt-length", str(a["max_length"] // 2)]
+        import io
+        from contextlib import redirect_stderr
+        err = io.StringIO()
+        with redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, "train_sppo.py"), run_name="__main__")
+        with open(os.path.join(out, "sppo_train.json")) as f:
+            stats = json.load(f)["stats"]
+        ref_s = float(err.getvalue().split("reference log-probs of")[1].split(" in ")[1].split("s")[0])
+        seconds, peak_gpu = ref_s + stats["train_seconds"], stats["peak_memory_gb"] if a["cuda"] else None
+        init_s = ref_s
+    else:
+        from transformers import AutoModelForCausalLM
+        import trl  # noqa: F401
+        base = rss_mb()
+        os.environ["HF_DATASETS_CACHE"] = os.path.join(d, f"cache_{kind}_{time.time()}")  # no precompute reuse
+        model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+        t0 = time.perf_counter()
+        trainer = trl_trainer(a, model, d, precompute=kind == "trl-precompute")  # precompute happens here
+        init_s = time.perf_counter() - t0
+        trainer.train()
+        if a["cuda"]:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if a["cuda"] else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "init_s": init_s, "peak_rss_mb": peak, "rss_after_imports_mb": base, "peak_gpu_gb": peak_gpu}))
+
+
+# -----------------------------------------------------------------------------
+
+def check_losses(a, d, n=8):
+    """TRL's sppo_hard loss and train_sppo.py's on the same n pairs, policy != reference: (ours, TRL's)."""
+    import torch
+    import train_sppo
+    from generate import encode_prompt, load_tokenizer  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(a["model"])
+    ref = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32).eval()
+    policy = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32).eval()
+    with torch.no_grad():  # a policy that has moved away from its reference
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    records = [dict(line=i + 1, **json.loads(s)) for i, s in enumerate(open(os.path.join(d, "ranked.jsonl")))][:n]
+    examples, _, _ = train_sppo.tokenize(tok, records, "best-worst", a["max_length"], a["max_length"] // 2,
+                                         {tok.eos_token_id}, "ranked.jsonl")
+    batch = train_sppo.collate(examples, list(range(n)), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, lr_ = (train_sppo.sequence_logps(m, *batch, lambda: torch.autocast("cpu", enabled=False)).view(n, 2) for m in (policy, ref))
+        ours = train_sppo.sppo_loss(lp, lr_, torch.tensor([[1.0, 0.0]] * n, dtype=lp.dtype), a["eta"]).mean().item()
+        a_cpu = {**a, "cuda": False, "micro_batch_size": n, "batch_size": n}
+        trainer = trl_trainer(a_cpu, policy, d, False, pairs=n, ref_model=ref)
+        trl_batch = next(iter(trainer.get_train_dataloader()))
+        theirs = trainer.compute_loss(trainer.model, trl_batch).item()
+    return ours, theirs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="medium", help="a checkpoint directory, or a random model size: tiny, medium, 1b")
+    ap.add_argument("--vocab-size", type=int, default=None, help="random model: its vocabulary (default: 600)")
+    ap.add_argument("--n-prompts", type=int, default=64)
+    ap.add_argument("--min-tokens", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts (pairs) per optimizer step")
+    ap.add_argument("--micro-batch-size", type=int, default=4, help="prompts (pairs) per forward")
+    ap.add_argument("--eta", type=float, default=1000.0, help="1/beta (TRL's beta = 1/eta)")
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--runs", default="ours,trl,trl-precompute")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch's default); "
+                    "on a shared machine more threads than free cores slow TRL down up to 7x (measured), so 1")
+    ap.add_argument("--out", default="bench/results/train.json")
+    ap.add_argument("--workdir", default=None, help="keep the model and data here (default: a temporary directory)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.dir)
+    import torch
+    from transformers import AutoTokenizer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    tmp = None if args.workdir else tempfile.TemporaryDirectory()
+    d = args.workdir or tmp.name
+    os.makedirs(d, exist_ok=True)
+    model = args.model
+    if model in SIZES:
+        model = os.path.join(d, "policy")
+        random_policy(model, args.model, args.vocab_size)
+    a = {"model": model, "eta": args.eta, "lr": args.lr, "batch_size": args.batch_size,
+         "micro_batch_size": args.micro_batch_size, "max_length": args.max_length, "cuda": cuda}
+    with open(os.path.join(d, "args.json"), "w") as f:
+        json.dump(a, f)
+    tok = AutoTokenizer.from_pretrained(model)
+    pairs = make_pairs(tok, args.n_prompts, args.min_tokens, args.max_tokens)
+    write_data(d, pairs)
+    from generate import encode_prompt
+    lens = [(len(encode_prompt(tok, p)), len(tok(w)["input_ids"]) + 1, len(tok(l)["input_ids"]) + 1) for p, w, l in pairs]
+    tokens = sum(2 * p + w + l for p, w, l in lens)  # both rows of every pair, prompt + response (+ end of turn)
+    from transformers import AutoConfig
+    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(model)).parameters())
+    print(f"model {args.model}: {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, responses "
+          f"{min(min(w, l) for _, w, l in lens)}-{max(max(w, l) for _, w, l in lens)} tokens, {tokens} tokens in all; "
+          f"batch {args.batch_size} pairs, micro-batch {args.micro_batch_size}; {'cuda' if cuda else 'cpu'}")
+
+    ours, theirs = check_losses(a, d)
+    print(f"loss check (8 pairs, policy != reference, W = 1 / 0): ours {ours:.6g}, TRL sppo_hard {theirs:.6g}, "
+          f"TRL / ours = {theirs / ours:.6f} (expected 2: TRL sums the two squared errors, we average them)")
+    if abs(theirs / ours - 2) > 1e-4:
+        raise SystemExit("the losses disagree: not timing")
+
+    env = dict(os.environ, TQDM_DISABLE="1", SPPO_PROGRESS="0", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    runs = args.runs.split(",")
+    results = {r: [] for r in runs}
+    for _ in range(args.repeats):
+        for r in runs:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", r, "--dir", d],
+                               capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                raise SystemExit(f"worker {r} failed:\n{p.stderr[-3000:]}")
+            results[r].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            subprocess.run(["rm", "-rf", os.path.join(d, "ours_ckpt"), os.path.join(d, "trl_out")])
+    names = {"ours": "train_sppo.py", "trl": "TRL DPOTrainer sppo_hard (ref model)",
+             "trl-precompute": "TRL sppo_hard, precompute_ref_log_probs"}
+    rows = []
+    for r in runs:
+        s = median([x["seconds"] for x in results[r]])
+        peak = median([x["peak_rss_mb"] for x in results[r]])
+        base = median([x["rss_after_imports_mb"] for x in results[r]])
+        gpu = results[r][0]["peak_gpu_gb"]
+        rows.append({"run": names[r], "seconds": s, "tokens_per_s": tokens / s, "peak_rss_mb": peak,
+                     "above_imports_mb": peak - base, "peak_gpu_gb": gpu, "all": results[r]})
+    mine = rows[0]
+    for row in rows:
+        row["ours_speedup"] = mine["tokens_per_s"] / row["tokens_per_s"]
+        row["ours_memory_ratio"] = (mine["peak_gpu_gb"] / row["peak_gpu_gb"] if cuda
+                                    else mine["above_imports_mb"] / row["above_imports_mb"])
+    cols = [("run", "run", "{}"), ("seconds", "s (median)", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
+            ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("above_imports_mb", "above imports MB", "{:.0f}")]
+    if cuda:
+        cols.append(("peak_gpu_gb", "peak GPU GB", "{:.2f}"))
+    table(rows, cols + [("ours_speedup", "ours x faster", "{:.2f}"), ("ours_memory_ratio", "ours / its memory", "{:.2f}")])
+    write_json(args.out, {"benchmark": "train", "command": "python bench/bench_train.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("worker", "dir")),
+        "machine": machine(), "model": args.model, "parameters": n_params, "pairs": len(pairs), "tokens": tokens,
+        "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours}, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

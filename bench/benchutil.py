@@ -1,0 +1,73 @@
+"""What the benchmarks share: the machine's description, interleaved repeated timing, a table, the JSON file."""
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
+
+
+def machine():
+    """Where and when: CPU model and cores, GPU name, load average, library versions, date (UTC)."""
+    import torch
+    import transformers
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def interleaved(fns, repeats, sync=None):
+    """Run every fn once per round, `repeats` rounds, round-robin (so a busy spell on a shared machine hits
+    all of them alike). Returns {name: [seconds of each round]} and {name: the last return value}."""
+    times, results = {name: [] for name in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            results[name] = fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return times, results
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def table(rows, columns):
+    """Print rows (dicts) as a fixed-width table of the given columns: [(key, header, format)]."""
+    cells = [[h for _, h, _ in columns]] + [[("" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in columns]
+                                            for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for c in cells:
+        print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
+
+
+def write_json(path, result):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"-> {path}")
