@@ -28,7 +28,7 @@ test-all: setup
 TINY := runs/tiny
 demo: setup
 	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world
-	PYTHON=$(VENV)/bin/python OUT=$(TINY) bash run_loop.sh configs/tiny.env
+	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) bash run_loop.sh configs/tiny.env
 	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
 		--models base=$(TINY)/world/policy iter1=$(TINY)/iter1/checkpoint iter2=$(TINY)/iter2/checkpoint \
 		iter3=$(TINY)/iter3/checkpoint --baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25
