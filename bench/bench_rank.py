@@ -107,7 +107,6 @@ def main():
     else:
         records = synthetic_records(args.n_prompts, args.k, max_answers=args.max_answers)
     k = len(records[0][1])
-    prompts, cands = [p for p, _ in records], [c for _, c in records]
     cells = rank.ordered_pairs(k)
     pairs = [(p, c[i], c[j]) for p, c in records for i, j in cells]
 

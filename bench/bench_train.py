@@ -92,7 +92,8 @@ def trl_config(a, out, precompute, **kw):
                      learning_rate=a["lr"], num_train_epochs=1, optim="adamw_torch", lr_scheduler_type="linear",
                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_length=a["max_length"], seed=42,
                      use_cpu=not a["cuda"], bf16=a["cuda"], report_to="none", save_strategy="no", logging_steps=1,
-                     disable_tqdm=True, dataloader_num_workers=0, **kw)
+                     disable_tqdm=True, dataloader_num_workers=0,
+                     gradient_checkpointing=a["gradient_checkpointing"], **kw)
 
 
 def trl_trainer(a, model, d, precompute, pairs=None, ref_model=None, **kw):
@@ -122,6 +123,8 @@ def worker(kind, d):
                     "--eta", str(a["eta"]), "--lr", str(a["lr"]), "--batch-size", str(a["batch_size"]),
                     "--micro-batch-size", str(a["micro_batch_size"]), "--optimizer", "adamw", "--warmup-ratio", "0",
                     "--max-length", str(a["max_length"]), "--max-prompt-length", str(a["max_length"] // 2)]
+        if a["gradient_checkpointing"]:
+            sys.argv.append("--gradient-checkpointing")
         import io
         from contextlib import redirect_stderr
         err = io.StringIO()
@@ -156,7 +159,7 @@ def check_losses(a, d, n=8):
     """TRL's sppo_hard loss and train_sppo.py's on the same n pairs, policy != reference: (ours, TRL's)."""
     import torch
     import train_sppo
-    from generate import encode_prompt, load_tokenizer  # noqa: F401
+    from generate import load_tokenizer
     from transformers import AutoModelForCausalLM
     tok = load_tokenizer(a["model"])
     ref = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32).eval()
@@ -191,6 +194,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=1)
+    # TRL's DPOConfig turns gradient checkpointing on by default, and the released recipe trains with it:
+    # both sides get the same setting, or the memory and speed comparison measures checkpointing, not trainers.
+    ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     ap.add_argument("--runs", default="ours,trl,trl-precompute")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch's default); "
                     "on a shared machine more threads than free cores slow TRL down up to 7x (measured), so 1")
@@ -214,7 +220,8 @@ def main():
         model = os.path.join(d, "policy")
         random_policy(model, args.model, args.vocab_size)
     a = {"model": model, "eta": args.eta, "lr": args.lr, "batch_size": args.batch_size,
-         "micro_batch_size": args.micro_batch_size, "max_length": args.max_length, "cuda": cuda}
+         "micro_batch_size": args.micro_batch_size, "max_length": args.max_length, "cuda": cuda,
+         "gradient_checkpointing": args.gradient_checkpointing}
     with open(os.path.join(d, "args.json"), "w") as f:
         json.dump(a, f)
     tok = AutoTokenizer.from_pretrained(model)
@@ -270,7 +277,9 @@ def main():
         cols.append(("peak_gpu_gb", "peak GPU GB", "{:.2f}"))
     table(rows, cols + [("ours_speedup", "ours x faster", "{:.2f}"), ("ours_memory_ratio", "ours / its memory", "{:.2f}")])
     write_json(args.out, {"benchmark": "train", "command": "python bench/bench_train.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("worker", "dir")),
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v not in (None, False) and k not in ("worker", "dir", "gradient_checkpointing"))
+        + ("" if args.gradient_checkpointing else " --no-gradient-checkpointing"),
         "machine": machine(), "model": args.model, "parameters": n_params, "pairs": len(pairs), "tokens": tokens,
         "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours}, "rows": rows})
 
