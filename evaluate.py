@@ -33,16 +33,13 @@ import time
 import numpy as np
 
 from common import InputError, ResumableWriter, load_prompts, main_guard, progress, prompt_id, read_jsonl
+from rank import sigmoid  # numpy only: importing rank loads no model code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -----------------------------------------------------------------------------
 # the math
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
 
 def outcome(m_ab, m_ba):
     """Soft win of a over b from both orders of PairRM: (sigmoid(M_ab) + 1 - sigmoid(M_ba)) / 2, so that
