@@ -74,6 +74,13 @@ def field(path, n, rec, name, kind):
     return value
 
 
+def is_hub_id(path):
+    """Whether a --model/--ranker that is not a directory could still be a hub id ("org/name"): a missing
+    local path is then reported as such instead of as a failed download."""
+    return (not os.path.exists(path) and not path.startswith((".", "/")) and path.count("/") == 1
+            and not os.path.isdir(path.split("/")[0]))
+
+
 def prompt_id(prompt):
     """A stable id for a record that has none: the first 16 hex digits of the prompt's SHA-1."""
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]

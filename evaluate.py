@@ -32,8 +32,8 @@ import time
 
 import numpy as np
 
-from common import InputError, ResumableWriter, load_prompts, main_guard, progress, prompt_id, read_jsonl
-from rank import sigmoid  # numpy only: importing rank loads no model code
+from common import InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, progress, prompt_id, read_jsonl
+from rank import check_ranker_path, sigmoid  # numpy only: importing rank loads no model code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -118,8 +118,7 @@ def check_model(spec, path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"--models {spec}: {path} has no config.json (not a checkpoint)")
         return
-    first = path.split("/")[0]
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1 or os.path.isdir(first):
+    if not is_hub_id(path):
         raise InputError(f"--models {spec}: no such checkpoint directory")
 
 
@@ -339,9 +338,7 @@ def main():
             more = ", ..." if len(missing) > 5 else ""
             raise InputError(f"--reference-outputs {args.reference_outputs}: no output for {len(missing)} of "
                              f"{len(prompts)} prompts (ids {', '.join(missing[:5])}{more})")
-    if not (os.path.isdir(args.ranker) or (args.ranker.count("/") == 1 and not os.path.exists(args.ranker)
-                                           and not args.ranker.startswith((".", "/")))):
-        raise InputError(f"--ranker {args.ranker}: no such ranker directory")
+    check_ranker_path(args.ranker)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

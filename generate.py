@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from common import InputError, ResumableWriter, check_paths, load_prompts, main_guard, parse_shard, progress, take_shard
+from common import InputError, ResumableWriter, check_paths, is_hub_id, load_prompts, main_guard, parse_shard, progress, take_shard
 
 
 def prompt_seed(seed, rid):
@@ -35,7 +35,7 @@ def load_tokenizer(model):
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
         if not any(os.path.isfile(os.path.join(model, f)) for f in names):
             raise InputError(f"--model {model}: the checkpoint has no tokenizer (none of {', '.join(names)})")
-    elif os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+    elif not is_hub_id(model):
         raise InputError(f"--model {model}: no such checkpoint directory")
     from transformers import AutoTokenizer  # after the path checks: its import takes seconds
     try:

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from common import (InputError, ResumableWriter, check_paths, field, main_guard, parse_shard, progress,
+from common import (InputError, ResumableWriter, check_paths, field, is_hub_id, main_guard, parse_shard, progress,
                     prompt_id, read_jsonl, take_shard)
 
 # PairRM's input format (llm_blender.blender.blender_utils.tokenize_pair, the PairRM-hf model card)
@@ -120,7 +120,7 @@ def check_ranker_path(path):
             missing.append("tokenizer.json or spm.model")
         if missing:
             raise InputError(f"--ranker {path}: incomplete ranker directory (no {', '.join(missing)})")
-    elif os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+    elif not is_hub_id(path):
         raise InputError(f"--ranker {path}: no such ranker directory")
 
 
