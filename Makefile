@@ -24,14 +24,15 @@ test: setup
 test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
-# The CPU demo: build the tiny world (once), run three SPPO iterations, evaluate base and every iteration.
+# The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
 TINY := runs/tiny
+ITERS ?= 3
 demo: setup
 	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world
-	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) bash run_loop.sh configs/tiny.env
+	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) ITERS=$(ITERS) bash run_loop.sh configs/tiny.env
 	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
-		--models base=$(TINY)/world/policy iter1=$(TINY)/iter1/checkpoint iter2=$(TINY)/iter2/checkpoint \
-		iter3=$(TINY)/iter3/checkpoint --baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25
+		--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)/iter$(t)/checkpoint) \
+		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25
 
 clean:
 	rm -rf runs

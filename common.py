@@ -1,4 +1,5 @@
-"""What two or more stages share: JSONL reading with precise errors, sharding, and resumable atomic output.
+"""What two or more stages share: JSONL reading with precise errors, sharding, resumable atomic output, the
+one settings check, and the policy's tokenizer (loading it, and encoding chats as the policy sees them).
 
 Every stage reads records {"id": ..., ...} and writes one record per input record. While it runs it
 appends to OUT.partial (flushed per batch); only a complete run renames that to OUT. A rerun keeps the
@@ -9,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -153,6 +155,14 @@ def take_shard(records, shard):
 # -----------------------------------------------------------------------------
 # resumable atomic output
 
+def check_settings(old, new, where, hint):
+    """The one rule for resuming: an output made with other settings is refused, naming the first that differs.
+    Used by ResumableWriter (JSONL stages), train_sppo.py (a finished checkpoint) and run_loop.sh (its OUT)."""
+    for name, value in new.items():
+        if old.get(name) != value:
+            raise InputError(f"{where}: was made with {name}={old.get(name)!r}, this run has {name}={value!r}; {hint}")
+
+
 _fault_hits = {}
 
 
@@ -195,6 +205,21 @@ def check_paths(inputs, out):
         raise InputError(f"{out}: the output directory {parent} is not writable ({e.strerror})")
 
 
+def check_run_settings(path, pairs):
+    """run_loop.sh's guard on its OUT: `path` (OUT/settings.txt) holds the loop's NAME=VALUE lines. The first run
+    writes it (atomically); a later run with any other value is refused, by check_settings."""
+    new = dict(p.split("=", 1) for p in pairs)
+    out = os.path.dirname(path) or "."
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+        check_settings(old, new, out, f"use another OUT or delete {out}")
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in new.items()))
+    os.replace(path + ".tmp", path)
+
+
 class ResumableWriter:
     """Appends records to OUT.partial and renames it to OUT on close(); resumes what a killed run wrote.
 
@@ -229,12 +254,7 @@ class ResumableWriter:
                     raise ValueError("not an object")
             except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                 raise InputError(f"{path}:{n}: cannot resume from a malformed line; delete the file to start over")
-            old = rec.get(self.key, {})
-            for name, value in self.settings.items():
-                if old.get(name) != value:
-                    raise InputError(
-                        f"{path}:{n}: was made with {name}={old.get(name)!r}, this run has {name}={value!r}; "
-                        f"use another --out or delete {path}")
+            check_settings(rec.get(self.key, {}), self.settings, f"{path}:{n}", f"use another --out or delete {path}")
             self.done[str(rec.get("id"))] = rec
 
     def write(self, records):
@@ -282,3 +302,105 @@ def progress(iterable=None, total=None, desc=None, unit="it"):
     from tqdm import tqdm
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 disable=os.environ.get("SPPO_PROGRESS") == "0", mininterval=0.1 if sys.stderr.isatty() else 10)
+
+
+# -----------------------------------------------------------------------------
+# the policy's tokenizer: one way to load it and one way to encode a chat, for generate.py and train_sppo.py
+
+def load_tokenizer(model):
+    """The model's tokenizer; a missing or incomplete checkpoint is an InputError, not a traceback."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise InputError(f"--model {model}: directory has no config.json (not a checkpoint)")
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+        if not any(os.path.isfile(os.path.join(model, f)) for f in names):
+            raise InputError(f"--model {model}: the checkpoint has no tokenizer (none of {', '.join(names)})")
+    elif not is_hub_id(model):
+        raise InputError(f"--model {model}: no such checkpoint directory")
+    from transformers import AutoTokenizer  # after the path checks: its import takes seconds
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # hub and tokenizer errors come in many types; all mean "cannot load"
+        raise InputError(f"--model {model}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not tok.chat_template:
+        raise InputError(f"--model {model}: the tokenizer has no chat template")
+    return tok
+
+
+def _special_strings(tok):
+    """The strings the tokenizer turns into control tokens (BOS, EOS, [INST], <|eot_id|>, ...), longest first."""
+    specials = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    return sorted(specials, key=len, reverse=True)
+
+
+def encode_text(tok, text):
+    """Token ids of plain text, with no BOS added and control-token strings in it ('</s>', '<|eot_id|>')
+    encoded as the characters they are: a user who writes '</s>' has not ended the turn."""
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+
+def encode_chat(tok, messages, add_generation_prompt=False):
+    """Token ids of a conversation through the tokenizer's own chat template (which adds BOS itself).
+
+    Tokenising the rendered string would read '</s>' or '<s>' typed by a user as control tokens. So the
+    template is rendered once with a marker in place of each message, which tells template text from message
+    text; the string is cut only at the template's own control tokens (where the tokenizer cuts anyway), and
+    every piece between them is encoded as text. Without control-token strings in the messages this equals
+    tokenising the rendered string (tested on the recipes' real tokenizers).
+    """
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not any(s in m["content"] for m in messages for s in _special_strings(tok)):
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return _encode_pieces(tok, messages, add_generation_prompt, text)
+
+
+def _encode_pieces(tok, messages, add_generation_prompt, text):
+    """encode_chat's careful path: `text` cut at the template's own control tokens, each piece encoded as text."""
+    specials = _special_strings(tok)
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    shape = tok.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)], tokenize=False,
+                                    add_generation_prompt=add_generation_prompt)
+    pieces = re.split("(\ue000\\d+\ue001)", shape)  # template, mark, template, mark, ..., template
+    if [p for p in pieces[1::2]] != marks:
+        raise InputError("the chat template repeats or reorders the messages; cannot tell its text from theirs")
+    for strip in (False, True):  # some templates trim each message (Llama-3's `| trim`)
+        contents = [m["content"].strip() if strip else m["content"] for m in messages]
+        if "".join(p for pair in zip(pieces[::2], contents + [""]) for p in pair) == text:
+            break
+    else:
+        raise InputError("the chat template changes the message text; cannot tell its text from the messages'")
+    cut = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+    ids, run = [], ""  # run: text since the last control token of the template
+    for i, template in enumerate(pieces[::2]):
+        parts = cut.split(template)
+        for j, part in enumerate(parts):
+            if j % 2:  # a control token of the template itself
+                ids += encode_text(tok, run) + [tok.convert_tokens_to_ids(part)]
+                run = ""
+            else:
+                run += part
+        run += contents[i] if i < len(contents) else ""
+    return ids + encode_text(tok, run)
+
+
+def encode_prompt(tok, prompt):
+    """Token ids of a one-turn prompt and the assistant header: exactly what the policy is given to answer."""
+    return encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
+def end_of_turn_id(tok):
+    """The control token the chat template closes an assistant turn with (</s>, <|eot_id|>, <|im_end|>, ...):
+    the first one after the answer in a rendered exchange; the tokenizer's EOS if the template has none."""
+    mark = "\ue000answer\ue001"
+    text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
+                                   tokenize=False)
+    after = text[text.index(mark) + len(mark):] if mark in text else ""
+    found = [(after.find(s), s) for s in _special_strings(tok) if s in after]
+    return tok.convert_tokens_to_ids(min(found)[1]) if found else tok.eos_token_id
+
+
+if __name__ == "__main__":  # run_loop.sh: python common.py check-run-settings OUT/settings.txt NAME=VALUE ...
+    if sys.argv[1:2] == ["check-run-settings"] and len(sys.argv) > 2:
+        main_guard(lambda: check_run_settings(sys.argv[2], sys.argv[3:]))
+    else:
+        fail("usage: python common.py check-run-settings FILE NAME=VALUE ...")

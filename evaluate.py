@@ -9,7 +9,9 @@
         --reference-outputs gpt4_turbo_outputs.json --out runs/mistral7b/eval
 
 1. One response per prompt per model, greedy by default: generate.py with --k 1 as a subprocess, writing
-   OUT/outputs/NAME.jsonl; finished outputs are reused, so a rerun generates nothing.
+   OUT/outputs/NAME.jsonl; finished outputs are reused, so a rerun generates nothing. Every flag evaluate.py
+   does not know goes to generate.py (--max-tokens, --engine, --kv-cache-gb, --temperature, --seed, ...).
+   vLLM's INFO log is kept quiet unless --verbose.
 2. Each model against the baseline (one of --models, or --reference-outputs), both orders through PairRM:
    outcome o = (sigmoid(M(model, base)) + 1 - sigmoid(M(base, model))) / 2, a soft win in [0, 1]. Identical
    responses are a tie (o = 1/2) without asking the ranker. Judgments are cached in OUT/judgments/.
@@ -33,7 +35,7 @@ import time
 import numpy as np
 
 from common import InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, progress, prompt_id, read_jsonl
-from rank import check_ranker_path, sigmoid  # numpy only: importing rank loads no model code
+from pairrm import check_ranker_path, sigmoid  # numpy only: importing pairrm loads no model code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -152,34 +154,29 @@ def read_outputs(path):
 # step 1: responses
 
 def generate(name, model, args, prompt_ids):
-    """OUT/outputs/NAME.jsonl from generate.py, unless a finished one made with these settings exists."""
+    """OUT/outputs/NAME.jsonl from generate.py, unless a finished one made by the same command exists.
+
+    generate.py gets --k 1, greedy decoding, and every flag evaluate.py does not know itself (--max-tokens,
+    --engine, --kv-cache-gb, --temperature, ...), which it checks. OUT/outputs/NAME.args.json keeps the
+    command of a finished run, so a rerun with the same flags starts no generate.py at all."""
     out = os.path.join(args.out, "outputs", f"{name}.jsonl")
-    want = {"model": model, "k": 1, "temperature": args.temperature, "top_p": args.top_p,
-            "max_tokens": args.max_tokens, "seed": args.seed, "seed_mode": "prompt"}
-    if args.engine != "auto":
-        want["engine"] = args.engine
-    if os.path.exists(out) and not os.path.exists(out + ".partial"):
-        recs = [r for _, r in read_jsonl(out)]
-        made = recs[0].get("generate", {}) if recs else {}
-        if prompt_ids <= {str(r["id"]) for r in recs} and all(made.get(k) == v for k, v in want.items()):
-            print(f"evaluate: {name}: responses done ({out})", file=sys.stderr, flush=True)
-            return out
+    # what decides the responses (the prompts are checked by id: the same ones may come from another file)
+    flags = ["--model", model, "--k", "1", "--temperature", "0", "--top-p", "1", *args.generate_args]
+    done = os.path.join(args.out, "outputs", f"{name}.args.json")
+    if os.path.exists(out) and os.path.exists(done) and not os.path.exists(out + ".partial"):
+        with open(done) as f:
+            if json.load(f) == flags and prompt_ids <= {str(r["id"]) for _, r in read_jsonl(out)}:
+                print(f"evaluate: {name}: responses done ({out})", file=sys.stderr, flush=True)
+                return out
     # Not done (or made otherwise: generate.py resumes, or refuses other settings naming the one that differs).
-    cmd = [sys.executable, os.path.join(HERE, "generate.py"), "--model", model, "--prompts", args.prompts_file,
-           "--out", out, "--k", "1", "--temperature", args.temperature, "--top-p", args.top_p,
-           "--max-tokens", args.max_tokens, "--seed", args.seed, "--engine", args.engine, "--dtype", args.dtype,
-           "--hf-batch-size", args.hf_batch_size, "--tensor-parallel-size", args.tensor_parallel_size,
-           "--gpu-memory-utilization", args.gpu_memory_utilization]
-    for flag, value in (("--kv-cache-gb", args.kv_cache_gb), ("--max-model-len", args.max_model_len),
-                        ("--limit", args.limit)):
-        if value is not None:
-            cmd += [flag, value]
-    if args.enforce_eager:
-        cmd.append("--enforce-eager")
     print(f"evaluate: {name}: generating with {model}", file=sys.stderr, flush=True)
-    rc = subprocess.call([str(c) for c in cmd])
+    env = dict(os.environ) if args.verbose else dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    limit = ["--limit", str(args.limit)] if args.limit is not None else []
+    rc = subprocess.call([sys.executable, os.path.join(HERE, "generate.py"), *flags, "--prompts", args.prompts_file,
+                          "--out", out, *limit], env=env)
     if rc != 0:
         raise InputError(f"generate.py failed for model '{name}' (exit code {rc}; its error is above)")
+    write_json(done, flags)
     return out
 
 
@@ -207,7 +204,7 @@ def judge(name, base_name, rows, args, ranker):
         writer.write(new)
     todo = [(k, row) for k, row in todo if row[2] != row[3]]
     if todo:
-        from rank import pair_logits
+        from pairrm import pair_logits
         model, tokenizer = ranker()
         bar = progress(total=2 * len(todo), desc=f"judge {name}", unit="pair")
         for start in range(0, len(todo), args.write_every):
@@ -275,8 +272,9 @@ def plot(path, results, base_name):
 
 # -----------------------------------------------------------------------------
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # an abbreviation must not take a flag meant for generate.py
     ap.add_argument("--models", nargs="+", required=True, help="NAME=DIR (checkpoint directory or hub id), "
                     "in plot order")
     ap.add_argument("--prompts", default=None, help="JSONL of {id, prompt}, or a hub dataset with a prompt column "
@@ -288,27 +286,18 @@ def main():
     ap.add_argument("--reference-outputs", default=None, help="AlpacaEval-style JSON [{instruction, output}] as the "
                     "baseline, matched to prompts by instruction text; a prompt without one is an error")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    # generation (passed to generate.py)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
-    ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    ap.add_argument("--hf-batch-size", type=int, default=64)
-    ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV-cache size (set it on a CPU)")
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--enforce-eager", action="store_true")
     # judging
     ap.add_argument("--batch-size", type=int, default=None, help="PairRM rows per forward (default: 32 cuda, 8 cpu)")
     ap.add_argument("--device", default=None, help="PairRM device (default: cuda when available)")
     ap.add_argument("--ranker-dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--write-every", type=int, default=256, help="prompts per judging chunk; finished ones are saved")
-    args = ap.parse_args()
+    ap.add_argument("--verbose", action="store_true", help="show vLLM's INFO log while generating")
+    return ap
 
-    # --- check everything before any work
+
+def check_inputs(args):
+    """Everything that can be wrong with the arguments, found before any work: (models, baseline name,
+    reference outputs or None, prompts). Writes the reference's instructions as the prompt file."""
     models = parse_models(args.models)
     reference = None
     if args.reference_outputs:
@@ -345,10 +334,54 @@ def main():
         raise InputError(f"--out {args.out}: cannot create it ({e.strerror})")
     if args.prompts is None:
         write_text(args.prompts_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts))
+    return models, base_name, reference, prompts
+
+
+def ranker_loader(args):
+    """A function that loads PairRM on its first call: a rerun with every judgment cached never loads it (or torch)."""
+    loaded = []
+
+    def ranker():
+        if not loaded:
+            import torch
+            from pairrm import load_ranker
+            args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 8)
+            dtype = args.ranker_dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+            loaded.append(load_ranker(args.ranker, device=args.device, dtype=dtype))
+        return loaded[0]
+    return ranker
+
+
+def score(names, base_name, outputs, kept, args):
+    """{name: win rate, its standard error, LC win rate and its standard error, mean length, n} against the baseline."""
+    ranker = ranker_loader(args)
+    base = outputs[base_name]
+    base_len = np.array([len(base[i][1]) for i in kept], dtype=np.float64)
+    results = {}
+    for name in names:
+        out = outputs[name]
+        lens = np.array([len(out[i][1]) for i in kept], dtype=np.float64)
+        if name == base_name:  # against itself: a tie by definition
+            wr, se, lc, lc_se = 0.5, 0.0, 0.5, 0.0
+        else:
+            o = judge(name, base_name, [(i, out[i][0], out[i][1], base[i][1]) for i in kept], args, ranker)
+            wr, se = win_rate(o)
+            lc, lc_se = length_controlled_win_rate(o, lens, base_len)
+            print(f"evaluate: {name} vs {base_name}: win rate {100 * wr:.2f} ± {100 * se:.2f}%, "
+                  f"LC {100 * lc:.2f}%, mean length {lens.mean():.0f} vs {base_len.mean():.0f}", file=sys.stderr)
+        results[name] = {"win_rate": wr, "se": se, "lc_win_rate": lc, "lc_se": lc_se,
+                         "mean_length": float(lens.mean()), "n": len(kept)}
+    return results
+
+
+def main():
+    args, args.generate_args = parser().parse_known_args()  # the rest is generate.py's: --max-tokens, --engine, ...
+    models, base_name, reference, prompts = check_inputs(args)
     ids = [r["id"] for r in prompts]
     t0 = time.time()
 
-    # --- responses
+    # 1. responses
     outputs = {name: read_outputs(generate(name, model, args, set(ids))) for name, model in models}
     if reference is not None:
         outputs[base_name] = {r["id"]: (r["prompt"], reference[r["prompt"]]) for r in prompts}
@@ -360,38 +393,11 @@ def main():
     if len(kept) < 2:
         raise InputError("fewer than 2 prompts were answered by every model")
 
-    # --- judgments
-    loaded = []
+    # 2. judgments, win rates
+    names = ([base_name] if reference is not None else []) + [n for n, _ in models]
+    results = score(names, base_name, outputs, kept, args)
 
-    def ranker():  # loaded on first use: a rerun with every judgment cached never loads PairRM (or torch)
-        if not loaded:
-            import torch
-            from rank import load_ranker
-            args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 8)
-            dtype = args.ranker_dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-            loaded.append(load_ranker(args.ranker, device=args.device, dtype=dtype))
-        return loaded[0]
-
-    base = outputs[base_name]
-    base_len = np.array([len(base[i][1]) for i in kept], dtype=np.float64)
-    results = {}
-    for name in ([base_name] if reference is not None else []) + [n for n, _ in models]:
-        out = outputs[name]
-        lens = np.array([len(out[i][1]) for i in kept], dtype=np.float64)
-        if name == base_name:  # against itself: a tie by definition
-            wr, se, lc, lc_se = 0.5, 0.0, 0.5, 0.0
-        else:
-            o = judge(name, base_name, [(i, out[i][0], out[i][1], base[i][1]) for i in kept], args, ranker)
-            wr, se = win_rate(o)
-            lc, lc_se = length_controlled_win_rate(o, lens, base_len)
-        results[name] = {"win_rate": wr, "se": se, "lc_win_rate": lc, "lc_se": lc_se,
-                         "mean_length": float(lens.mean()), "n": len(kept)}
-        if name != base_name:
-            print(f"evaluate: {name} vs {base_name}: win rate {100 * wr:.2f} ± {100 * se:.2f}%, "
-                  f"LC {100 * lc:.2f}%, mean length {lens.mean():.0f} vs {base_len.mean():.0f}", file=sys.stderr)
-
-    # --- write
+    # 3. write
     write_json(os.path.join(args.out, "results.json"),
                {"baseline": base_name, "ranker": args.ranker, "prompts": args.prompts or args.reference_outputs,
                 "n_prompts": len(kept), "length_unit": "characters", "models": results})

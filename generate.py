@@ -6,7 +6,11 @@
         --prompts UCLA-AGI/data-mistral-7b-instruct-sppo-iter1 --out gen.3.jsonl --shard 3/8
 
 Input: JSONL {"id", "prompt"} (or a hub dataset with a `prompt` column). Output: one record per prompt,
-{"id", "prompt", "responses": [K strings], "finish_reasons", "response_tokens", "generate": {settings}}.
+{"id", "prompt", "responses": [K strings], "finish_reasons", "prompt_token_ids", "response_token_ids": [K lists],
+"generate": {settings}}. The ids are the truth: `prompt_token_ids` is what the engine was given and
+`response_token_ids[k]` what it sampled, ending in the end-of-turn id where the policy stopped on it (not
+where --max-tokens cut it). train_sppo.py trains on these ids; re-tokenising the text would not give them back
+(a decoded space, or an answer that merges with the template's last token, changes the ids).
 
 Seeds. --seed-mode prompt (default): each prompt samples from its own stream, seeded by hash(seed, id), so
 a response depends only on its prompt and the seed, never on batching, sharding or resuming, and no two
@@ -19,38 +23,13 @@ import os
 import sys
 import time
 
-from common import InputError, ResumableWriter, check_paths, is_hub_id, load_prompts, main_guard, parse_shard, progress, take_shard
+from common import (InputError, ResumableWriter, check_paths, encode_prompt, load_prompts, load_tokenizer, main_guard,
+                    parse_shard, progress, take_shard)
 
 
 def prompt_seed(seed, rid):
     """A 60-bit seed for one prompt; vLLM gives its j-th sample seed + j, so streams stay far apart."""
     return int(hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()[:15], 16)
-
-
-def load_tokenizer(model):
-    """The model's tokenizer; a missing or incomplete checkpoint is an InputError, not a traceback."""
-    if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            raise InputError(f"--model {model}: directory has no config.json (not a checkpoint)")
-        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-        if not any(os.path.isfile(os.path.join(model, f)) for f in names):
-            raise InputError(f"--model {model}: the checkpoint has no tokenizer (none of {', '.join(names)})")
-    elif not is_hub_id(model):
-        raise InputError(f"--model {model}: no such checkpoint directory")
-    from transformers import AutoTokenizer  # after the path checks: its import takes seconds
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # hub and tokenizer errors come in many types; all mean "cannot load"
-        raise InputError(f"--model {model}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if not tok.chat_template:
-        raise InputError(f"--model {model}: the tokenizer has no chat template")
-    return tok
-
-
-def encode_prompt(tok, prompt):
-    """Token ids of the prompt through the tokenizer's own chat template (which adds BOS itself)."""
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def context_length(model):
@@ -59,7 +38,7 @@ def context_length(model):
 
 
 # -----------------------------------------------------------------------------
-# engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(text, finish_reason, n_tokens)]
+# engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(sampled ids, text, finish_reason)]
 
 def vllm_engine(args):
     import torch
@@ -82,7 +61,8 @@ def vllm_engine(args):
         params = [SamplingParams(n=1, seed=seed, temperature=args.temperature, top_p=args.top_p,
                                  max_tokens=max_new, skip_special_tokens=True) for _, seed, max_new in rows]
         outs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in rows], params, use_tqdm=False)
-        return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
+        # token_ids end with the EOS id when the policy stopped on it; the text leaves it out
+        return [(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
     return run
 
 
@@ -126,13 +106,21 @@ def hf_engine(args, tok):
                              temperature=None, max_new_tokens=max(m for _, _, m in rows), pad_token_id=pad,
                              eos_token_id=list(eos), logits_processor=[RowSampler([s for _, s, _ in rows])])
         results = []
-        for (_, _, max_new), new in zip(rows, out[:, width:].tolist()):
+        for (prompt_ids, _, max_new), new in zip(rows, out[:, width:].tolist()):
             end = next((i for i, t in enumerate(new[:max_new]) if t in eos), None)
-            toks = new[:end] if end is not None else new[:max_new]
-            results.append((tok.decode(toks, skip_special_tokens=True), "stop" if end is not None else "length",
-                            len(toks) + (end is not None)))
+            ids = new[:end + 1] if end is not None else new[:max_new]  # the EOS the policy stopped on is kept
+            results.append((ids, decode_response(tok, prompt_ids, ids), "stop" if end is not None else "length"))
         return results
     return run
+
+
+def decode_response(tok, prompt_ids, ids):
+    """The text of sampled ids as vLLM's detokenizer gives it: decoded after the prompt's last tokens, so a
+    first token '▁Sure' reads ' Sure' (decoding it alone drops the space), control tokens left out."""
+    context = prompt_ids[-4:]
+    before = tok.decode(context, skip_special_tokens=True)
+    text = tok.decode(context + ids, skip_special_tokens=True)
+    return text[len(before):] if text.startswith(before) else tok.decode(ids, skip_special_tokens=True)
 
 
 def pick_engine(name):
@@ -147,7 +135,7 @@ def pick_engine(name):
 
 # -----------------------------------------------------------------------------
 
-def main():
+def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or hub id")
     ap.add_argument("--prompts", required=True, help="JSONL of {id, prompt}, or a hub dataset with a prompt column")
@@ -169,7 +157,11 @@ def main():
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV-cache size (set it on a CPU)")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs (faster start)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     if args.k < 1:
         raise InputError(f"--k {args.k}: need at least 1 response per prompt")
 
@@ -223,11 +215,12 @@ def main():
                     rows.append((ids, seed, min(args.max_tokens, ctx - len(ids))))
             results = run(rows)
             out = []
-            for i, (r, _) in enumerate(part):
+            for i, (r, prompt_ids) in enumerate(part):
                 mine = results[i::len(part)]  # sample p of prompt i is row p * len(part) + i
-                out.append({"id": r["id"], "prompt": r["prompt"], "responses": [m[0] for m in mine],
-                            "finish_reasons": [m[1] for m in mine], "response_tokens": [m[2] for m in mine]})
-                n_tokens += sum(m[2] for m in mine)
+                out.append({"id": r["id"], "prompt": r["prompt"], "responses": [m[1] for m in mine],
+                            "finish_reasons": [m[2] for m in mine], "prompt_token_ids": prompt_ids,
+                            "response_token_ids": [m[0] for m in mine]})
+                n_tokens += sum(len(m[0]) for m in mine)
             writer.write(out)
             bar.update(len(part))
         bar.close()

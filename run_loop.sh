@@ -20,22 +20,15 @@ NPROC=$(( GPUS > 0 ? GPUS : 1 ))    # processes per stage: one per GPU
 # --- settings guard: a run directory holds one experiment; changing a setting needs a new OUT
 SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEED_MODE PROB_MODE ETA LR EPOCHS
           BATCH MICRO_BATCH OPTIMIZER WARMUP MAX_LENGTH MAX_PROMPT_LENGTH SELECT TRAIN_SEED GEN_ARGS RANK_ARGS TRAIN_ARGS"
+LOSS=${LOSS:-sppo}
+[ "$LOSS" = sppo ] || SETTINGS="$SETTINGS LOSS"   # runs made before --loss existed were all sppo
 mkdir -p "$OUT"
 # One loop per OUT: the lock is held by this shell and inherited by its stages, so a second loop started
 # while this one (or a stage orphaned by killing this shell alone) still runs is refused.
 exec 9>> "$OUT/.lock"
 flock -n 9 || { echo "run_loop: another run is using $OUT (a loop or one of its stages); stop it first" >&2; exit 2; }
-current=$(for v in $SETTINGS; do echo "$v=${!v-}"; done)
-if [ -f "$OUT/settings.txt" ]; then
-    differ=$(diff <(cat "$OUT/settings.txt") <(echo "$current") | grep '^>' | head -1 | cut -c3- || true)
-    if [ -n "$differ" ]; then
-        was=$(grep "^${differ%%=*}=" "$OUT/settings.txt" || true)
-        echo "run_loop: $OUT was made with $was, this run has $differ; use another OUT or delete $OUT" >&2
-        exit 2
-    fi
-else
-    echo "$current" > "$OUT/settings.txt.tmp" && mv "$OUT/settings.txt.tmp" "$OUT/settings.txt"   # never half-written
-fi
+pairs=(); for v in $SETTINGS; do pairs+=("$v=${!v-}"); done
+"$PYTHON" common.py check-run-settings "$OUT/settings.txt" "${pairs[@]}" || exit 2   # common.check_settings
 
 STAGES_RUN=0
 # die STAGE LOG: stop the loop, naming the stage and where to look.
@@ -79,6 +72,7 @@ for ((t = 1; t <= ITERS; t++)); do
         "$PYTHON" rank.py --in "$dir/generated.jsonl" --ranker "$RANKER" --prob-mode "$PROB_MODE" ${RANK_ARGS-}
 
     # 3. pi_{t+1} = argmin E (log pi(y|x) - log pi_t(y|x) - eta (W(y) - 1/2))^2, with pi_t as reference
+    #    (LOSS=dpo or ipo: the paper's iterative DPO / IPO baselines on the same best/worst pairs)
     ckpt=$dir/checkpoint
     if [ -d "$ckpt" ]; then
         echo "[iter $t] train: done earlier ($ckpt)"
@@ -89,7 +83,7 @@ for ((t = 1; t <= ITERS; t++)); do
         "${launcher[@]}" train_sppo.py --model "$model" --data "$dir/ranked.jsonl" --out "$ckpt" \
             --eta "$ETA" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH" --micro-batch-size "$MICRO_BATCH" \
             --optimizer "$OPTIMIZER" --warmup-ratio "$WARMUP" --max-length "$MAX_LENGTH" \
-            --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" ${TRAIN_ARGS-} \
+            --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" --loss "$LOSS" ${TRAIN_ARGS-} \
             > "$LOGS/train.log" 2>&1 || die train "$LOGS/train.log"
         echo "[iter $t] train: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/train.log")"
         STAGES_RUN=$(( STAGES_RUN + 1 ))

@@ -1,23 +1,31 @@
 """Stage 3 of SPPO: train pi_{t+1} from pi_t on ranked responses, and write a checkpoint the next iteration loads.
 
-    python train_sppo.py --model runs/tiny/world/policy --data ranked.jsonl --out runs/tiny/iter1/policy \
-        --lr 3e-4 --eta 5 --optimizer adamw --batch-size 32
+    python train_sppo.py --model runs/tiny/world/policy --data runs/tiny/iter1/ranked.jsonl \
+        --out runs/tiny/iter1/checkpoint --eta 5 --lr 1e-4 --optimizer adamw --batch-size 32
     # 8 GPUs, the released recipe (parameters sharded with FSDP2, bf16 compute, fp32 master weights):
     torchrun --nproc_per_node 8 train_sppo.py --model mistralai/Mistral-7B-Instruct-v0.2 \
-        --data ranked.jsonl --out runs/mistral/iter1/policy --gradient-checkpointing
+        --data runs/mistral7b/iter1/ranked.jsonl --out runs/mistral7b/iter1/checkpoint --gradient-checkpointing
 
-Input: ranked JSONL records {"id", "prompt", "responses": [K], "win_rate": [K], "probs": KxK (optional), ...}.
+Input: ranked JSONL records {"id", "prompt", "responses": [K], "win_rate": [K], "probs": KxK (optional),
+"prompt_token_ids", "response_token_ids": [K] (generate.py's; optional)}.
 Output: OUT/, a save_pretrained directory (safetensors, config, generation config, tokenizer with its chat
-template) plus OUT/train_log.jsonl (one line per optimizer step) and OUT/sppo_train.json (settings, stats).
-OUT appears only when complete (it is written as OUT.tmp and renamed); a rerun with the same settings and
-data finds it and does nothing; with other settings it is refused.
+template and its own files) plus OUT/train_log.jsonl (one line per optimizer step), OUT/reference_logps.jsonl
+(log pi_t(y|x) of every trained response) and OUT/sppo_train.json (settings, stats). OUT appears only when
+complete (it is written as OUT.tmp and renamed); a rerun with the same settings and data finds it and does
+nothing; with other settings it is refused.
 
 The objective (paper eq. 3.6, eta = 1/beta), per trained response y of prompt x, with W(y) its win rate
 against the other samples of pi_t:
     L = ( log pi_theta(y|x) - log pi_t(y|x) - eta * (W(y) - 1/2) )^2
 --select best-worst (default, the released code) trains the argmax and argmin of W per prompt;
 --select all trains every sampled response (the paper's Algorithm 1). The loss is the mean over the trained
-responses of the global batch (--batch-size counts prompts, summed over processes).
+responses of the global batch (--batch-size counts prompts, summed over processes). --loss dpo / ipo train the
+paper's iterative baselines on the same best/worst pairs instead (dpo_loss, ipo_loss; beta = 1/eta).
+
+What is trained is what was sampled: a record from generate.py carries the token ids the policy was given and
+the ids it sampled, and those are trained exactly (no end-of-turn added where --max-tokens cut a response).
+A record without ids (data made elsewhere) is encoded as DPO codebases do: the prompt through the chat
+template, the response on its own, then the end-of-turn token.
 
 Reference log-probs log pi_t(y|x) are computed once, with the starting weights, before the first update, in
 exactly the micro-batches the first epoch trains on; so training holds one model, and at step 1 every
@@ -29,6 +37,7 @@ the same losses (up to float summation order). Each process loads the full model
 sharded: 8 x 28 GB of host memory for a 7B model in fp32.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +47,8 @@ import shutil
 import sys
 import time
 
-from common import InputError, check_number, check_paths, fault_point, field, main_guard, read_jsonl
+from common import (InputError, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
+                    fault_point, field, load_tokenizer, main_guard, read_jsonl)
 
 
 # -----------------------------------------------------------------------------
@@ -55,6 +65,25 @@ def sppo_loss(policy_logps, ref_logps, win_rates, eta):
     return (policy_logps - ref_logps - eta * (win_rates - 0.5)) ** 2
 
 
+# The paper's baselines, on the same selected pairs and with the same reference pi_t: iterative DPO and IPO.
+# ratio_w, ratio_l: log pi_theta(y|x) - log pi_t(y|x) of the best and the worst response by W; beta = 1/eta.
+
+def dpo_loss(ratio_w, ratio_l, eta):
+    """DPO:  -log sigmoid( beta (ratio_w - ratio_l) ): the winner's log-ratio pushed above the loser's.
+    At step 1 both ratios are 0 and the loss is log 2."""
+    import torch
+    return -torch.nn.functional.logsigmoid((ratio_w - ratio_l) / eta)
+
+
+def ipo_loss(ratio_w, ratio_l, eta):
+    """IPO (TRL's convention):  ( ratio_w - ratio_l - 1/(2 beta) )^2: the gap regressed to a fixed margin eta/2.
+    At step 1 the loss is (eta/2)^2."""
+    return (ratio_w - ratio_l - eta / 2) ** 2
+
+
+PAIR_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss}
+
+
 def select_responses(win_rate, how):
     """Indices of the responses trained on: best and worst by W (the release, first index on ties), or all."""
     if how == "all":
@@ -68,7 +97,8 @@ def select_responses(win_rate, how):
 # data: checked in full before any model is loaded
 
 def read_ranked(path, select):
-    """[{"prompt", "responses", "win_rate"}] from ranked JSONL; every fault is an InputError naming file:line."""
+    """Ranked records [{"line", "id", "prompt", "responses", "win_rate", "prompt_token_ids"?, "response_token_ids"?}];
+    every fault is an InputError naming file:line and field."""
     records, k0 = [], None
     for n, rec in read_jsonl(path):
         prompt = field(path, n, rec, "prompt", str)
@@ -77,8 +107,7 @@ def read_ranked(path, select):
             raise InputError(f"{path}:{n}: field 'win_rate' is missing (rank the responses with rank.py first)")
         win_rate = field(path, n, rec, "win_rate", list)
         k = len(responses)
-        if k0 is None:
-            k0 = k
+        k0 = k if k0 is None else k0
         if k != k0:
             raise InputError(f"{path}:{n}: field 'responses' has K={k} responses, the first record has K={k0}")
         if k < (2 if select == "best-worst" else 1):
@@ -96,53 +125,76 @@ def read_ranked(path, select):
             for row in probs:
                 for p in row:
                     check_number(path, n, "probs", p, 0, 1)
-        records.append({"line": n, "prompt": prompt, "responses": responses, "win_rate": [float(w) for w in win_rate]})
+        out = {"line": n, "id": str(rec.get("id", n)), "prompt": prompt, "responses": responses,
+               "win_rate": [float(w) for w in win_rate]}
+        if "prompt_token_ids" in rec or "response_token_ids" in rec:
+            out["prompt_token_ids"] = token_ids(path, n, rec, "prompt_token_ids")
+            out["response_token_ids"] = [token_ids(path, n, {"response_token_ids": x}, "response_token_ids")
+                                         for x in field(path, n, rec, "response_token_ids", list)]
+            if len(out["response_token_ids"]) != k:
+                raise InputError(f"{path}:{n}: field 'response_token_ids' has {len(out['response_token_ids'])} "
+                                 f"lists for K={k} responses")
+        records.append(out)
     if not records:
         raise InputError(f"{path}: no records")
     return records
 
 
-def response_tokens(tok, prompt_ids, prompt, response, eos):
-    """The tokens the chat template adds for the assistant turn, ending in exactly one end-of-turn token."""
-    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                                   tokenize=False)
-    full = tok(full, add_special_tokens=False)["input_ids"]
-    if full[:len(prompt_ids)] != prompt_ids:
-        raise InputError("the chat template's prompt tokens are not a prefix of its prompt + answer tokens "
-                         "(the template or tokenizer merges across the turn boundary); cannot find the answer")
-    ids = full[len(prompt_ids):]
-    # Some templates put a newline after the end-of-turn token (ChatML); it is not the model's to predict.
-    last = max((i for i, t in enumerate(ids) if t in eos), default=None)
-    if last is None or tok.decode(ids[last + 1:]).strip():
-        raise InputError("the chat template does not end the assistant turn with an end-of-turn token "
-                         f"{sorted(eos)}; cannot tell where a response ends")
-    ids = ids[:last + 1]
-    if sum(t in eos for t in ids) != 1:
-        raise InputError("a response contains an end-of-turn token of its own")
+def token_ids(path, n, rec, name):
+    ids = field(path, n, rec, name, list)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise InputError(f"{path}:{n}: field '{name}' should hold token ids (non-negative integers)")
     return ids
 
 
-def tokenize(tok, records, select, max_length, max_prompt_length, eos, path):
-    """One example per prompt: its prompt ids, the selected responses' ids, their W. Counts truncations."""
-    from generate import encode_prompt  # the exact prompt tokens the policy sampled from
-    examples, cut_prompts, cut_responses = [], 0, 0
+def encode_example(tok, rec, picked, eot):
+    """(prompt ids, [ids of each picked response]): the sampled ids when the record has them, else the
+    prompt through the chat template and each response encoded on its own, then the end-of-turn token.
+    Never prompt + answer as one string: where the template's last token and the answer's first merge, the
+    answer's tokens could not be found again."""
+    if "response_token_ids" in rec:
+        return rec["prompt_token_ids"], [rec["response_token_ids"][i] for i in picked]
+    return encode_prompt(tok, rec["prompt"]), [encode_text(tok, rec["responses"][i]) + [eot] for i in picked]
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length, bos):
+    """Cut to the length limits: a long prompt keeps its end (the question is usually last) and its BOS, and
+    each response keeps what fits after the prompt (losing its end-of-turn token)."""
+    if len(prompt_ids) > max_prompt_length:
+        keep_bos = bos is not None and prompt_ids[0] == bos
+        prompt_ids = prompt_ids[:1] * keep_bos + prompt_ids[len(prompt_ids) - max_prompt_length + keep_bos:]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, [a[:room] for a in responses]
+
+
+def tokenize(tok, records, args):
+    """One example per prompt: {"id", "prompt_ids", "responses": [ids], "picked": [indices], "win_rate"}, and
+    counts of what was cut or skipped. A prompt whose picked responses cannot all be encoded is skipped (and
+    counted by reason); a token id outside the vocabulary is an error (data from another tokenizer)."""
+    eot = end_of_turn_id(tok)
+    examples, skipped = [], {}
+    counts = {"from_generate": 0, "encoded_from_text": 0, "cut_prompts": 0, "cut_responses": 0}
     for r in records:
-        prompt_ids = encode_prompt(tok, r["prompt"])
-        picked = select_responses(r["win_rate"], select)
+        picked = select_responses(r["win_rate"], args.select)
         try:
-            answers = [response_tokens(tok, prompt_ids, r["prompt"], r["responses"][i], eos) for i in picked]
+            prompt_ids, answers = encode_example(tok, r, picked, eot)
         except InputError as e:
-            raise InputError(f"{path}:{r['line']}: {e}")
-        if len(prompt_ids) > max_prompt_length:
-            # Keep the end of a long prompt (the question is usually last), and its BOS.
-            keep_bos = prompt_ids[0] == tok.bos_token_id and tok.bos_token_id is not None
-            prompt_ids = prompt_ids[:1] * keep_bos + prompt_ids[len(prompt_ids) - max_prompt_length + keep_bos:]
-            cut_prompts += 1
-        room = max_length - len(prompt_ids)
-        cut_responses += sum(len(a) > room for a in answers)
-        examples.append({"prompt": prompt_ids, "responses": [a[:room] for a in answers],
+            skipped[str(e)] = skipped.get(str(e), 0) + 1
+            continue
+        if any(len(a) == 0 for a in answers):
+            skipped["a response has no tokens"] = skipped.get("a response has no tokens", 0) + 1
+            continue
+        bad = next((t for t in prompt_ids + sum(answers, []) if t >= len(tok)), None)
+        if bad is not None:
+            raise InputError(f"{args.data}:{r['line']}: field 'response_token_ids' or 'prompt_token_ids' has id {bad}, "
+                             f"outside --model's vocabulary of {len(tok)} (generated with another tokenizer?)")
+        cut_ids, cut_answers = truncate(prompt_ids, answers, args.max_length, args.max_prompt_length, tok.bos_token_id)
+        counts["cut_prompts"] += len(cut_ids) < len(prompt_ids)
+        counts["cut_responses"] += sum(len(a) < len(b) for a, b in zip(cut_answers, answers))
+        counts["from_generate" if "response_token_ids" in r else "encoded_from_text"] += len(picked)
+        examples.append({"id": r["id"], "prompt_ids": cut_ids, "responses": cut_answers, "picked": picked,
                          "win_rate": [r["win_rate"][i] for i in picked]})
-    return examples, cut_prompts, cut_responses
+    return examples, counts, skipped
 
 
 def make_schedule(examples, epochs, batch_size, micro, seed):
@@ -153,7 +205,7 @@ def make_schedule(examples, epochs, batch_size, micro, seed):
     micro-batch in it, is the same for any N. A short last batch leaves some micro-batches empty.
     """
     import torch
-    length = [max(len(e["prompt"]) + len(a) for a in e["responses"]) for e in examples]
+    length = [max(len(e["prompt_ids"]) + len(a) for a in e["responses"]) for e in examples]
     steps = []
     for epoch in range(epochs):
         perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
@@ -164,10 +216,17 @@ def make_schedule(examples, epochs, batch_size, micro, seed):
 
 
 def collate(examples, ids, pad, device):
-    """Left-padded prompt+response rows for the micro-batch, so every response ends at the last column;
-    labels mark the response tokens only. Position ids count real tokens, so padding changes nothing."""
+    """The micro-batch `ids` as left-padded rows, one per (prompt, trained response), prompt-major.
+
+    Returns input_ids, attention_mask, labels, each [rows, width] with rows = len(ids) x responses per prompt
+    and width = the longest prompt + response. Every response ends at the last column, so the log-probs need
+    only the last columns' logits; labels are -100 except on response tokens. Example, pad 0, prompt
+    [1, 5, 6] and responses [7, 2] and [8, 9, 2]:
+        input_ids  [[0, 1, 5, 6, 7, 2],    mask [[0, 1, 1, 1, 1, 1],    labels [[-100, -100, -100, -100, 7, 2],
+                    [1, 5, 6, 8, 9, 2]]          [1, 1, 1, 1, 1, 1]]              [-100, -100, -100, 8, 9, 2]]
+    """
     import torch
-    rows = [(e["prompt"], a) for e in (examples[i] for i in ids) for a in e["responses"]]
+    rows = [(e["prompt_ids"], a) for e in (examples[i] for i in ids) for a in e["responses"]]
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -180,11 +239,13 @@ def collate(examples, ids, pad, device):
 
 
 def sequence_logps(model, input_ids, mask, labels, autocast):
-    """log pi(y|x): the sum of the response tokens' log-probs, one per row.
+    """log pi(y|x) = sum over response tokens t of log pi(y_t | x, y_<t): a float32 tensor [rows].
 
-    Memory: the logits (rows x positions x vocabulary) are the largest tensor of a step. Only the positions
-    that predict response tokens are computed (logits_to_keep; responses end at the last column), and the
-    log-probs are gather - logsumexp, which keeps no log-softmax copy for the backward pass."""
+    input_ids, mask, labels: [rows, width] from collate. The logits that predict the last n tokens (n = the
+    longest response) are [rows, n, vocabulary], the largest tensor of a step: only those positions are
+    computed (logits_to_keep; responses end at the last column), and the log-probs are gather - logsumexp,
+    which keeps no log-softmax copy for the backward pass. Position ids count real tokens, so left padding
+    changes nothing."""
     n = int((labels != -100).sum(-1).max())  # the longest response in the micro-batch
     with autocast():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -206,15 +267,312 @@ def lr_factor(step, total, warmup, kind):
     return max(0.0, 1 - progress)
 
 
-def file_sha256(path):
+# -----------------------------------------------------------------------------
+# the phases of a run, in the order main() calls them
+
+@dataclasses.dataclass
+class Run:
+    """Where this process stands: torchrun's rank and world size, its device, the compute dtype."""
+    rank: int
+    world: int
+    device: object
+    dtype: str
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def print(self, *a):
+        if self.master:
+            print(*a, file=sys.stderr, flush=True)
+
+    def autocast(self):
+        import torch  # bf16 autocast without FSDP; under FSDP2 its mixed-precision policy casts instead
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16" and not self.ddp)
+
+    def all_reduce(self, t, op="sum"):
+        """The sum (or max) over processes of a CPU tensor; NCCL reduces on the GPU only."""
+        if not self.ddp:
+            return t
+        import torch.distributed as dist
+        x = t.to(self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return x.cpu()
+
+    @property
+    def memory_kind(self):
+        return "CUDA allocated" if self.device.type == "cuda" else "RSS"
+
+    def peak_memory(self):
+        """Bytes: the most any process held (CUDA memory allocated, or resident memory on a CPU)."""
+        import torch
+        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        return self.all_reduce(torch.tensor([float(peak)], dtype=torch.float64), "max").item()
+
+    def finish(self):
+        if self.ddp:
+            import torch.distributed as dist
+            dist.barrier()  # without it a process can exit while another still talks to it (gloo aborts)
+            dist.destroy_process_group()
+
+    def micro_batches(self, step):
+        """This process's share of a step: (example indices, real?). An empty micro-batch still runs on a
+        placeholder with weight 0: FSDP's collectives need every process in every forward."""
+        return [(mb or [0], len(mb) > 0) for mb in step[self.rank::self.world]]
+
+
+def start_processes(dtype_arg):
+    """One process, or torchrun's N: the process group (NCCL on GPUs, gloo on CPUs), device and dtype."""
+    import torch
+    cuda = torch.cuda.is_available()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if "RANK" in os.environ:  # launched by torchrun
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Run(rank, world, device, {"auto": "bf16" if cuda else "fp32"}.get(dtype_arg, dtype_arg))
+
+
+def load_model(args, run):
+    """pi_t in fp32 master weights on run.device; under torchrun sharded with FSDP2 (each decoder layer its
+    own group, gathered just before it runs, then the rest), bf16 compute where asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if run.ddp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        bf16 = run.dtype == "bf16"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for m in model.modules():
+            if type(m).__name__ in (model._no_split_modules or []):
+                fully_shard(m, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model.to(run.device)
+
+
+def make_optimizer(model, args, total_steps):
+    """torch's RMSprop or AdamW with their defaults (HF Trainer's optim="rmsprop" / "adamw_torch", weight decay
+    0) and HF's schedule. Made before the first forward: FSDP2 leaves the root's parameters unsharded after a
+    no-grad forward, and a list taken then would hold those views, not the sharded parameters that learn."""
+    import torch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.RMSprop(params, lr=args.lr) if args.optimizer == "rmsprop"
+           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0))
+    warmup = math.ceil(total_steps * args.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, args.schedule))
+    return params, opt, sched
+
+
+def reference_logps(model, examples, first_epoch, pad, run):
+    """log pi_t(y|x) of every trained response, [prompts, responses per prompt] float64, computed with the
+    starting weights in exactly the micro-batches the first epoch trains on (so step 1's log-ratios are 0)."""
+    import torch
+    ref = torch.zeros(len(examples), len(examples[0]["responses"]), dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for step in first_epoch:
+            for ids, real in run.micro_batches(step):
+                lp = sequence_logps(model, *collate(examples, ids, pad, run.device), run.autocast)
+                if real:
+                    ref[ids] = lp.view(len(ids), -1).double().cpu()
+    if run.ddp:
+        model.reshard()  # free the root's gathered parameters (the root does not reshard after forward)
+    model.train()
+    return run.all_reduce(ref)  # each prompt was computed by exactly one process, zeros elsewhere
+
+
+@dataclasses.dataclass
+class StepStats:
+    """Sums over a step's trained responses (then over processes), for the log line."""
+    loss: float = 0.0
+    log_ratio: float = 0.0
+    target: float = 0.0
+    log_ratio_pos: float = 0.0  # responses with W > 1/2 (target > 0)
+    log_ratio_neg: float = 0.0  # responses with W < 1/2
+    n_pos: int = 0
+    n_neg: int = 0
+    tokens: int = 0
+
+    def all_reduce(self, run):
+        import torch
+        total = run.all_reduce(torch.tensor(dataclasses.astuple(self), dtype=torch.float64)).tolist()
+        return StepStats(*total)
+
+
+def train_step(model, examples, step, ref, win, pad, args, run):
+    """Forward and backward over this process's micro-batches of one optimizer step (the update is the
+    caller's). The mean loss over the global batch's trained responses is what the gradients are of."""
+    stats = StepStats()
+    n_resp = sum(len(mb) for mb in step) * ref.shape[1]  # the global batch's trained responses
+    for ids, real in run.micro_batches(step):
+        input_ids, mask, labels = collate(examples, ids, pad, run.device)
+        policy = sequence_logps(model, input_ids, mask, labels, run.autocast).view(len(ids), -1)
+        r, w = ref[ids].to(run.device, policy.dtype), win[ids].to(run.device, policy.dtype)
+        if args.loss == "sppo":
+            err = sppo_loss(policy, r, w, args.eta)  # [prompts, responses]
+        else:  # a pair loss per prompt, counted once for each of its two responses: the mean is per prompt
+            err = PAIR_LOSSES[args.loss](policy[:, 0] - r[:, 0], policy[:, 1] - r[:, 1], args.eta)[:, None].expand(-1, 2)
+        # Normalised by the global count, and x world because FSDP averages gradients over processes:
+        # the summed gradient is then exactly that of the mean loss over the global batch.
+        (err.sum() * (run.world / n_resp) * real).backward()
+        if real:
+            ratio, target = (policy - r).detach().double().cpu(), args.eta * (win[ids] - 0.5)
+            pos, neg = target > 0, target < 0
+            stats.loss += err.detach().sum().item()
+            stats.log_ratio += ratio.sum().item()
+            stats.target += target.sum().item()
+            stats.log_ratio_pos += ratio[pos].sum().item()
+            stats.log_ratio_neg += ratio[neg].sum().item()
+            stats.n_pos += int(pos.sum())
+            stats.n_neg += int(neg.sum())
+            stats.tokens += int(mask.sum())
+    return stats.all_reduce(run), n_resp
+
+
+def optimizer_step(params, opt, sched, max_grad_norm):
+    """Clip the gradient norm (as HF Trainer), update, advance the schedule: (norm before clipping, lr used)."""
+    import torch
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm.item(), lr
+
+
+def step_log(s, epoch_steps, stats, n_resp, grad_norm, lr, seconds):
+    """The named metrics of one step, as train_log.jsonl records them."""
+    return {"step": s + 1, "epoch": s // epoch_steps + 1, "loss": stats.loss / n_resp,
+            "log_ratio": stats.log_ratio / n_resp, "target": stats.target / n_resp,
+            "log_ratio_pos": stats.log_ratio_pos / max(1, stats.n_pos),
+            "log_ratio_neg": stats.log_ratio_neg / max(1, stats.n_neg),
+            "grad_norm": grad_norm, "lr": lr, "tokens": int(stats.tokens), "tokens_per_s": stats.tokens / seconds}
+
+
+def save_checkpoint(model, tok, args, run, tmp, meta):
+    """OUT.tmp as a save_pretrained directory in the starting checkpoint's dtype, synced, then renamed to OUT:
+    OUT exists only when complete. Every process must call it (FSDP gathers the full weights)."""
+    import torch
+    from transformers import AutoConfig
+    if run.ddp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    if not run.master:
+        return
+    save_dtype = getattr(torch, str(getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or "float32")
+                         .replace("torch.", ""))
+    # A tied weight (lm_head = embed_tokens) is one parameter under two names: save it once.
+    first = {}
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+    model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
+    fault_point("checkpoint-weights")
+    model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
+    model.config.use_cache = True
+    model.config.save_pretrained(tmp)
+    save_tokenizer(tok, args.model, tmp)
+    with open(os.path.join(tmp, "sppo_train.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    for name in os.listdir(tmp):  # on disk before the rename, so not even a power cut leaves OUT half-written
+        if os.path.isfile(os.path.join(tmp, name)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+    fault_point("checkpoint-written")
+    os.rename(tmp, args.out)
+
+
+def save_tokenizer(tok, model, out):
+    """tok.save_pretrained, plus the tokenizer's own files that it does not rewrite (a sentencepiece
+    tokenizer.model, say), copied from the starting checkpoint so tools that need them find them."""
+    from transformers.utils import cached_file
+    tok.save_pretrained(out)
+    for name in tok.vocab_files_names.values():
+        if not os.path.exists(os.path.join(out, name)):
+            src = cached_file(model, name, _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False)
+            if src:
+                shutil.copy(src, os.path.join(out, name))
+
+
+# -----------------------------------------------------------------------------
+
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train, on what, into where
+    ap.add_argument("--model", required=True, help="pi_t: checkpoint directory or hub id")
+    ap.add_argument("--data", required=True, help="ranked JSONL (rank.py's output)")
+    ap.add_argument("--out", required=True, help="checkpoint directory to write (pi_{t+1})")
+    # the objective
+    ap.add_argument("--eta", type=float, default=1000.0, help="1/beta; the release uses beta = 0.001")
+    ap.add_argument("--select", choices=["best-worst", "all"], default="best-worst",
+                    help="train the best and worst response per prompt (the release) or all K (Algorithm 1)")
+    ap.add_argument("--loss", choices=["sppo", *PAIR_LOSSES], default="sppo", help="dpo, ipo: the paper's "
+                    "iterative baselines on the same best/worst pairs, pi_t as reference, beta = 1/eta")
+    # optimisation (the released recipe's defaults)
+    ap.add_argument("--lr", type=float, default=5e-7, help="peak learning rate")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the data")
+    ap.add_argument("--batch-size", type=int, default=64, help="prompts per optimizer step, over all processes")
+    ap.add_argument("--micro-batch-size", type=int, default=8, help="prompts per forward pass")
+    ap.add_argument("--optimizer", choices=["rmsprop", "adamw"], default="rmsprop", help="torch's, default settings")
+    ap.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="after warm-up")
+    ap.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (HF Trainer's "
+                    "default, so the release's); 0 turns clipping off")
+    ap.add_argument("--seed", type=int, default=42, help="the data order")
+    # lengths
+    ap.add_argument("--max-length", type=int, default=1024, help="max prompt + response tokens")
+    ap.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their end")
+    # compute
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="compute dtype; auto: bf16 on a GPU, fp32 on a CPU (master weights stay fp32)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    return ap
+
+
+def check_args(args, world):
+    """Settings that cannot work, refused before anything loads; returns the micro-batch size per process."""
+    for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not (args.lr > 0 and args.eta > 0 and 0 <= args.warmup_ratio < 1 and args.max_grad_norm >= 0):
+        raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1 and --max-grad-norm >= 0")
+    if args.loss != "sppo" and args.select != "best-worst":
+        raise InputError(f"--loss {args.loss} compares a winner with a loser: it needs --select best-worst")
+    if args.max_prompt_length >= args.max_length:
+        raise InputError(f"--max-prompt-length {args.max_prompt_length} leaves no room for a response "
+                         f"in --max-length {args.max_length}")
+    micro = min(args.micro_batch_size, args.batch_size // world) or 1
+    if args.batch_size % (micro * world):
+        raise InputError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro} "
+                         f"x {world} processes")
+    return micro
+
+
+def run_settings(args, dtype):
+    """What decides the weights written: a rerun with these equal has nothing to do."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(args.data, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return {"model": args.model, "data_sha256": h.hexdigest(),
+            **({"loss": args.loss} if args.loss != "sppo" else {}),  # (earlier runs, all sppo, have no "loss")
+            **{k: getattr(args, k) for k in ("eta", "select", "lr", "epochs", "batch_size", "optimizer", "schedule",
+                                             "warmup_ratio", "max_grad_norm", "max_length", "max_prompt_length",
+                                             "seed")}, "dtype": dtype}
 
 
-def check_existing(out, settings):
+def finished_earlier(out, settings):
     """True when OUT is a finished run of these settings; an InputError when it was made otherwise."""
     if not os.path.exists(out):
         return False
@@ -223,254 +581,96 @@ def check_existing(out, settings):
         raise InputError(f"--out {out}: exists and is not a train_sppo.py checkpoint (no sppo_train.json); "
                          "choose another --out or delete it")
     with open(meta) as f:
-        old = json.load(f).get("settings", {})
-    for name, value in settings.items():
-        if old.get(name) != value:
-            raise InputError(f"--out {out}: was made with {name}={old.get(name)!r}, this run has {name}={value!r}; "
-                             f"use another --out or delete {out}")
+        check_settings(json.load(f).get("settings", {}), settings, f"--out {out}", f"use another --out or delete {out}")
     return True
 
 
-# -----------------------------------------------------------------------------
+def load_examples(tok, records, args, run):
+    """The examples to train, with a warning for each kind of cut or skipped response."""
+    examples, counts, skipped = tokenize(tok, records, args)
+    for why, n in skipped.items():
+        run.print(f"warning: skipped {n} prompts: {why}")
+    if counts["cut_prompts"] or counts["cut_responses"]:
+        run.print(f"warning: kept the last {args.max_prompt_length} tokens of {counts['cut_prompts']} prompts; cut "
+                  f"{counts['cut_responses']} responses to fit --max-length {args.max_length} (they lose their "
+                  "end-of-turn token)")
+    if not examples:
+        raise InputError(f"{args.data}: nothing left to train ({sum(skipped.values())} prompts skipped)")
+    return examples, {**counts, "skipped_prompts": skipped}
+
+
+def write_reference_logps(path, examples, ref):
+    """OUT/reference_logps.jsonl: what pi_t assigned to each trained sample, for teaching and debugging."""
+    with open(path, "w", encoding="utf-8") as f:
+        for e, row in zip(examples, ref.tolist()):
+            for i, a, lp in zip(e["picked"], e["responses"], row):
+                f.write(json.dumps({"id": e["id"], "response": i, "logp": lp, "tokens": len(a)}) + "\n")
+
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="pi_t: checkpoint directory or hub id")
-    ap.add_argument("--data", required=True, help="ranked JSONL (rank.py's output)")
-    ap.add_argument("--out", required=True, help="checkpoint directory to write (pi_{t+1})")
-    ap.add_argument("--eta", type=float, default=1000.0, help="1/beta; the release uses beta = 0.001")
-    ap.add_argument("--select", choices=["best-worst", "all"], default="best-worst")
-    ap.add_argument("--lr", type=float, default=5e-7)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=64, help="prompts per optimizer step, over all processes")
-    ap.add_argument("--micro-batch-size", type=int, default=8, help="prompts per forward pass")
-    ap.add_argument("--optimizer", choices=["rmsprop", "adamw"], default="rmsprop")
-    ap.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    ap.add_argument("--warmup-ratio", type=float, default=0.1)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (HF Trainer's "
-                    "default, so the release's); 0 turns clipping off")
-    ap.add_argument("--max-length", type=int, default=1024, help="max prompt + response tokens")
-    ap.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their end")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="compute dtype; auto: bf16 on a GPU, fp32 on a CPU (master weights stay fp32)")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    args = ap.parse_args()
-
-    ddp = "RANK" in os.environ  # launched by torchrun
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0
-
-    def print0(*a):
-        if master:
-            print(*a, file=sys.stderr, flush=True)
-
-    # --- check everything before loading a model
-    for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if not (args.lr > 0 and args.eta > 0 and 0 <= args.warmup_ratio < 1 and args.max_grad_norm >= 0):
-        raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1 and --max-grad-norm >= 0")
-    if args.max_prompt_length >= args.max_length:
-        raise InputError(f"--max-prompt-length {args.max_prompt_length} leaves no room for a response "
-                         f"in --max-length {args.max_length}")
-    micro = min(args.micro_batch_size, args.batch_size // world) or 1
-    if args.batch_size % (micro * world):
-        raise InputError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro} "
-                         f"x {world} processes")
+    args = parser().parse_args()
+    micro = check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     records = read_ranked(args.data, args.select)
     check_paths([args.data, args.model], args.out)
-    import torch  # after the checks: a bad input is reported in a fraction of a second, not after its import
-    cuda = torch.cuda.is_available()
-    dtype = {"auto": "bf16" if cuda else "fp32"}.get(args.dtype, args.dtype)
-    # What decides the weights written: a rerun with these equal has nothing to do.
-    settings = {"model": args.model, "data_sha256": file_sha256(args.data),
-                **{k: getattr(args, k) for k in ("eta", "select", "lr", "epochs", "batch_size", "optimizer",
-                                                 "schedule", "warmup_ratio", "max_grad_norm", "max_length",
-                                                 "max_prompt_length", "seed")}, "dtype": dtype}
-    if check_existing(args.out, settings):
-        print0(f"train: {args.out} exists, nothing to do")
-        return
-    from generate import load_tokenizer
+    run = start_processes(args.dtype)  # imports torch: after the checks, so bad input fails in a blink
+    settings = run_settings(args, run.dtype)
+    if finished_earlier(args.out, settings):
+        return run.print(f"train: {args.out} exists, nothing to do")
     tok = load_tokenizer(args.model)
-    from transformers import AutoConfig, GenerationConfig
-    eos = {tok.eos_token_id}
-    try:
-        gen_eos = GenerationConfig.from_pretrained(args.model).eos_token_id
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    except OSError:
-        pass  # no generation_config.json: the tokenizer's eos is the end of a turn
-    eos.discard(None)
-    examples, cut_prompts, cut_responses = tokenize(tok, records, args.select, args.max_length,
-                                                    args.max_prompt_length, eos, args.data)
-    if cut_prompts or cut_responses:
-        print0(f"warning: kept the last {args.max_prompt_length} tokens of {cut_prompts} prompts; cut "
-               f"{cut_responses} responses to fit --max-length {args.max_length} (they lose their end-of-turn token)")
+    examples, data_stats = load_examples(tok, records, args, run)
     steps = make_schedule(examples, args.epochs, args.batch_size, micro, args.seed)
-    n_sel = len(examples[0]["responses"])
-    print0(f"train: {len(examples)} prompts, {n_sel} responses each ({args.select}), {len(steps)} steps of "
-           f"{args.batch_size} prompts ({args.batch_size // (micro * world)} x {micro} per process x {world}), "
-           f"eta {args.eta:g}, lr {args.lr:g}, {args.optimizer}, {dtype}")
-
-    # --- processes, device, model
-    if ddp:
-        import torch.distributed as dist
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        device = torch.device("cuda" if cuda else "cpu")
+    epoch_steps = math.ceil(len(examples) / args.batch_size)
+    run.print(f"train: {len(examples)} prompts, {len(examples[0]['responses'])} responses each ({args.select}), "
+              f"{len(steps)} steps of {args.batch_size} prompts ({args.batch_size // (micro * run.world)} x {micro} "
+              f"per process x {run.world}), eta {args.eta:g}, lr {args.lr:g}, {args.optimizer}, {run.dtype}")
+    import torch
     torch.manual_seed(args.seed)
     tmp = args.out + ".tmp"
-    if master and os.path.exists(tmp):
+    if run.master and os.path.exists(tmp):
         shutil.rmtree(tmp)  # what an interrupted run left: start cleanly
-
-    from transformers import AutoModelForCausalLM
-    save_dtype = getattr(torch, str(getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or "float32")
-                         .replace("torch.", ""))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    bf16 = dtype == "bf16"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not ddp)  # noqa: E731
-    if ddp:
-        # FSDP2: every decoder layer is its own shard group (gathered just before it runs), then the rest.
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for m in model.modules():
-            if type(m).__name__ in (model._no_split_modules or []):
-                fully_shard(m, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    model.to(device)
-    # Optimizer: torch's defaults, as HF Trainer's optim="rmsprop" / "adamw_torch" with weight decay 0. Made
-    # before the first forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and a
-    # list taken then would hold those views, not the sharded parameters that receive the gradients.
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.RMSprop(params, lr=args.lr) if args.optimizer == "rmsprop"
-           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0))
-    warmup = math.ceil(len(steps) * args.warmup_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, len(steps), warmup, args.schedule))
+    model = load_model(args, run)
+    params, opt, sched = make_optimizer(model, args, len(steps))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    placeholder = [0]  # an empty micro-batch still runs (weight 0): FSDP's collectives need every process
 
-    def all_reduce(t, op="sum"):
-        """The sum (or max) over processes of a CPU tensor; NCCL reduces on the GPU only."""
-        if not ddp:
-            return t
-        x = t.to(device)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return x.cpu()
-
-    def my_micro_batches(step):
-        return [(mb or placeholder, len(mb) > 0) for mb in step[rank::world]]
-
-    # --- reference log-probs, log pi_t(y|x): the first epoch's micro-batches, before any update
+    # log pi_t(y|x), once, before any update
     t0 = time.time()
-    ref = torch.zeros(len(examples), n_sel, dtype=torch.float64)
-    epoch_steps = math.ceil(len(examples) / args.batch_size)
-    model.eval()
-    with torch.no_grad():
-        for step in steps[:epoch_steps]:
-            for ids, real in my_micro_batches(step):
-                lp = sequence_logps(model, *collate(examples, ids, pad, device), autocast)
-                if real:
-                    ref[ids] = lp.view(len(ids), n_sel).double().cpu()
-    if ddp:
-        model.reshard()  # free the root's gathered parameters (the root does not reshard after forward)
-        ref = all_reduce(ref)  # each prompt was computed by exactly one process, zeros elsewhere
+    ref = reference_logps(model, examples, steps[:epoch_steps], pad, run)
     win = torch.tensor([e["win_rate"] for e in examples], dtype=torch.float64)
-    print0(f"train: reference log-probs of {ref.numel()} responses in {time.time() - t0:.1f}s")
-
-    # --- train
-    if master:
+    run.print(f"train: reference log-probs of {ref.numel()} responses in {time.time() - t0:.1f}s")
+    if run.master:
         os.makedirs(tmp)
+        write_reference_logps(os.path.join(tmp, "reference_logps.jsonl"), examples, ref)
         log = open(os.path.join(tmp, "train_log.jsonl"), "w")
-    model.train()
-    t_train, total_tokens, final = time.time(), 0, {}
+
+    # minimise (log pi(y|x) - log pi_t(y|x) - eta (W(y) - 1/2))^2, one optimizer step per global batch
+    t_train, total_tokens, last = time.time(), 0, {}
     for s, step in enumerate(steps):
         t1 = time.time()
-        n_resp = sum(len(mb) for mb in step) * n_sel  # the global batch's trained responses
-        # sums over this process's responses: loss, log-ratio, target, log-ratio of W > 1/2, of W < 1/2, counts
-        stats = torch.zeros(8, dtype=torch.float64)
-        for ids, real in my_micro_batches(step):
-            input_ids, mask, labels = collate(examples, ids, pad, device)
-            policy = sequence_logps(model, input_ids, mask, labels, autocast).view(len(ids), n_sel)
-            w, r = win[ids].to(device, policy.dtype), ref[ids].to(device, policy.dtype)
-            err = sppo_loss(policy, r, w, args.eta)
-            # Normalised by the global count, and x world because FSDP averages gradients over processes:
-            # the summed gradient is then exactly that of the mean loss over the global batch.
-            (err.sum() * (world / n_resp) * real).backward()
-            if real:
-                ratio, target = (policy - r).detach().double().cpu(), (args.eta * (win[ids] - 0.5))
-                pos, neg = target > 0, target < 0
-                stats += torch.tensor([err.detach().sum().item(), ratio.sum().item(), target.sum().item(),
-                                       ratio[pos].sum().item(), ratio[neg].sum().item(), pos.sum().item(),
-                                       neg.sum().item(), mask.sum().item()], dtype=torch.float64)
-        stats = all_reduce(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))  # as HF Trainer
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.time() - t1
-        total_tokens += int(stats[7])
-        final = {"step": s + 1, "epoch": s // epoch_steps + 1, "loss": stats[0].item() / n_resp,
-                 "log_ratio": stats[1].item() / n_resp, "target": stats[2].item() / n_resp,
-                 "log_ratio_pos": stats[3].item() / max(1, stats[5].item()),
-                 "log_ratio_neg": stats[4].item() / max(1, stats[6].item()),
-                 "grad_norm": grad_norm.item(), "lr": lr, "tokens": int(stats[7]), "tokens_per_s": stats[7].item() / dt}
-        if master:
-            log.write(json.dumps(final) + "\n")
+        stats, n_resp = train_step(model, examples, step, ref, win, pad, args, run)
+        grad_norm, lr = optimizer_step(params, opt, sched, args.max_grad_norm)
+        last = step_log(s, epoch_steps, stats, n_resp, grad_norm, lr, time.time() - t1)
+        total_tokens += last["tokens"]
+        if run.master:
+            log.write(json.dumps(last) + "\n")
             log.flush()
             fault_point("train-step")
-        print0(f"step {s + 1}/{len(steps)}  loss {final['loss']:.3e}  log-ratio {final['log_ratio']:+.3f}  "
-               f"target {final['target']:+.3f}  (W>1/2 {final['log_ratio_pos']:+.3f}, W<1/2 {final['log_ratio_neg']:+.3f})  "
-               f"|g| {final['grad_norm']:.2e}  lr {lr:.1e}  {final['tokens_per_s']:.0f} tok/s")
+        run.print(f"step {s + 1}/{len(steps)}  loss {last['loss']:.3e}  log-ratio {last['log_ratio']:+.3f}  "
+                  f"target {last['target']:+.3f}  (W>1/2 {last['log_ratio_pos']:+.3f}, W<1/2 {last['log_ratio_neg']:+.3f})"
+                  f"  |g| {last['grad_norm']:.2e}  lr {lr:.1e}  {last['tokens_per_s']:.0f} tok/s")
     train_s = time.time() - t_train
 
-    # --- write OUT.tmp, then rename: OUT exists only when complete
-    if ddp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = model.state_dict()
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
-    peak = all_reduce(torch.tensor([float(peak)], dtype=torch.float64), "max").item()
-    if master:
-        # A tied weight (lm_head = embed_tokens) is one parameter under two names: save it once.
-        first = {}
-        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
-        model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
-        fault_point("checkpoint-weights")
-        model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
-        model.config.use_cache = True
-        model.config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    # OUT.tmp, then OUT
+    if run.master:
         log.close()
-        stats_out = {"steps": len(steps), "prompts": len(examples), "responses_per_prompt": n_sel,
-                     "tokens": total_tokens, "train_seconds": round(train_s, 2),
-                     "tokens_per_s": round(total_tokens / max(train_s, 1e-9), 1), "final_loss": final.get("loss"),
-                     "truncated_prompts": cut_prompts, "truncated_responses": cut_responses, "processes": world,
-                     "device": device.type, "peak_memory_gb": round(peak / 2**30, 3),
-                     "peak_memory_kind": "cuda allocated" if cuda else "rss"}
-        with open(os.path.join(tmp, "sppo_train.json"), "w") as f:
-            json.dump({"settings": settings, "stats": stats_out}, f, indent=1)
-        for name in os.listdir(tmp):  # on disk before the rename, so not even a power cut leaves OUT half-written
-            if os.path.isfile(os.path.join(tmp, name)):
-                with open(os.path.join(tmp, name), "rb") as f:
-                    os.fsync(f.fileno())
-        fault_point("checkpoint-written")
-        os.rename(tmp, args.out)
-    if ddp:
-        dist.barrier()  # without it a process can exit while another still talks to it (gloo aborts)
-        dist.destroy_process_group()
-    print0(f"train: {len(steps)} steps, {total_tokens} tokens in {train_s:.1f}s ({total_tokens / max(train_s, 1e-9):.0f} "
-           f"tokens/s), peak memory {peak / 2**30:.2f} GB ({'CUDA' if cuda else 'RSS'}) -> {args.out}")
+    peak = run.peak_memory()
+    stats = {"steps": len(steps), "prompts": len(examples), "responses_per_prompt": ref.shape[1],
+             "tokens": total_tokens, "train_seconds": round(train_s, 2), "final_loss": last.get("loss"),
+             "tokens_per_s": round(total_tokens / max(train_s, 1e-9), 1), **data_stats, "processes": run.world,
+             "device": run.device.type, "peak_memory_gb": round(peak / 2**30, 3), "peak_memory_kind": run.memory_kind}
+    save_checkpoint(model, tok, args, run, tmp, {"settings": settings, "stats": stats})
+    run.finish()
+    run.print(f"train: {len(steps)} steps, {total_tokens} tokens in {train_s:.1f}s ({total_tokens / max(train_s, 1e-9):.0f} "
+              f"tokens/s), peak memory {peak / 2**30:.2f} GB ({run.memory_kind}) -> {args.out}")
 
 
 if __name__ == "__main__":

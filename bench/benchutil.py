@@ -71,3 +71,27 @@ def write_json(path, result):
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"-> {path}")
+
+
+def import_llm_blender():
+    """The llm_blender module (llm-blender 0.0.2), made importable and usable under transformers >= 5.
+
+    Two things it relies on are gone in transformers 5 (llm-blender issue "ImportError: cannot import name
+    'TRANSFORMERS_CACHE' from 'transformers.utils.hub'"; the library is unmaintained):
+    - transformers.utils.hub.TRANSFORMERS_CACHE, imported at module level by llm_blender.blender: point it at
+      the hub cache, which is what it meant;
+    - tokenizer.batch_encode_plus, called by the collators that Blender.rank uses: replace the collator's
+      one helper that calls it with the same call through tokenizer(...).
+    """
+    import huggingface_hub
+    import transformers.utils.hub
+    if not hasattr(transformers.utils.hub, "TRANSFORMERS_CACHE"):
+        transformers.utils.hub.TRANSFORMERS_CACHE = huggingface_hub.constants.HF_HUB_CACHE
+    import llm_blender
+    from llm_blender.pair_ranker import collator
+
+    def encode_texts(texts, tokenizer, max_length=None):
+        p = tokenizer(texts, max_length=max_length, padding="max_length", return_tensors="pt", truncation=True)
+        return p["input_ids"], p["attention_mask"]
+    collator.encode_texts = encode_texts
+    return llm_blender

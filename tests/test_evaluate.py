@@ -140,8 +140,8 @@ def test_outputs(ws):
 
 def test_judgments_are_pairrm_both_orders(ws):
     """The perturbed model's outcome per prompt is (sigmoid(M(model, base)) + 1 - sigmoid(M(base, model))) / 2,
-    with M straight from rank.py's PairRM."""
-    from rank import load_ranker, pair_logits
+    with M straight from pairrm.py."""
+    from pairrm import load_ranker, pair_logits
     out = ws["out"]
     mine = {r["prompt"]: r["responses"][0] for r in read_jsonl(out / "outputs" / "iter1.jsonl")}
     base = {r["prompt"]: r["responses"][0] for r in read_jsonl(out / "outputs" / "base.jsonl")}

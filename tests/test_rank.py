@@ -12,8 +12,11 @@ import pytest
 from conftest import ROOT, read_jsonl, run_stage, write_jsonl
 
 sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import pairrm  # noqa: E402
 import rank  # noqa: E402
 import world as tiny  # noqa: E402
+from benchutil import import_llm_blender  # noqa: E402  (the shim that makes llm-blender run under transformers 5)
 
 RANK = "rank.py"
 
@@ -77,13 +80,13 @@ def test_probability_properties():
 
 @pytest.fixture(scope="module")
 def ranker(world):
-    return rank.load_ranker(str(world / "ranker"))
+    return pairrm.load_ranker(str(world / "ranker"))
 
 
 def test_encoding_is_pairrms(ranker):
     """encode_pairs gives llm-blender's tokenize_pair ids, truncation included (long source, long candidates)."""
     _, tok = ranker
-    rank.import_llm_blender()
+    import_llm_blender()
     from llm_blender.blender.blender_utils import tokenize_pair
     long = " ".join(["Cats are soft and quiet."] * 400)  # ~2400 tokens
     pairs = [("Tell me about cats.", "Cats are soft.", "Um, cats are quiet. Hope this helps!"),
@@ -91,7 +94,7 @@ def test_encoding_is_pairrms(ranker):
              ("Describe dogs.", "Dogs are loyal.", "Dogs are loyal.")]
     enc = tokenize_pair(tok, *zip(*pairs))
     want = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    got = rank.encode_pairs(tok, pairs)
+    got = pairrm.encode_pairs(tok, pairs)
     assert got == want
     assert max(map(len, got)) == 2048 and len(got[2]) == 2048
 
@@ -99,7 +102,7 @@ def test_encoding_is_pairrms(ranker):
 def test_bt_scores_equal_blenders(world, ranker, tmp_path):
     """rank.py --prob-mode bt gives the released pipeline's numbers: llm-blender's own Blender.rank(...,
     return_scores=True, batch_size=1) scores, then compute_prob's P_ij = 1 / (1 + exp(s_j - s_i))."""
-    llm_blender = rank.import_llm_blender()
+    llm_blender = import_llm_blender()
     recs = make_records(world, 6, 4, seed=1)
     write_jsonl(tmp_path / "in.jsonl", recs)
     rank_cli(world, tmp_path / "in.jsonl", tmp_path / "bt.jsonl", "--prob-mode", "bt")
@@ -120,8 +123,8 @@ def test_alone_equals_in_a_large_batch(world, ranker):
     recs = make_records(world, 12, 5, seed=2)
     cells = rank.ordered_pairs(5)
     pairs = [(r["prompt"], r["responses"][i], r["responses"][j]) for r in recs for i, j in cells]
-    together = rank.pair_logits(model, tok, pairs, batch_size=64)
-    alone = rank.pair_logits(model, tok, pairs[3 * 20:4 * 20], batch_size=1)
+    together = pairrm.pair_logits(model, tok, pairs, batch_size=64)
+    alone = pairrm.pair_logits(model, tok, pairs[3 * 20:4 * 20], batch_size=1)
     np.testing.assert_allclose(together[3 * 20:4 * 20], alone, atol=1e-5)
     assert together.dtype == np.float64 and together.shape == (len(pairs),)
 

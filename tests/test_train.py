@@ -16,7 +16,7 @@ from conftest import ROOT, read_jsonl, run_stage, write_jsonl
 sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
 import world as toy  # noqa: E402
 from common import InputError  # noqa: E402
-from train_sppo import read_ranked, select_responses, sppo_loss  # noqa: E402
+from train_sppo import dpo_loss, ipo_loss, read_ranked, select_responses, sppo_loss  # noqa: E402
 
 TRAIN = "train_sppo.py"
 # One thread per process: the tiny model gains nothing from more, and on a busy 2-core machine torch's
@@ -89,6 +89,37 @@ def test_sppo_loss_by_hand():
     assert best_worst == pytest.approx(((1.0 - 4.0) ** 2 + (2.0 + 4.0) ** 2) / 2)
     assert err.mean().item() == pytest.approx(((0.5 + 3) ** 2 + (1 - 4) ** 2 + 1 + (2 + 4) ** 2) / 4)
     assert select_responses([0.5, 0.5, 0.5], "best-worst") == [0, 0]  # ties: the first index, as numpy's arg-max/min
+
+
+def test_baseline_losses_by_hand():
+    """The paper's baselines on a pair's log-ratios a_w, a_l (beta = 1/eta): DPO -log sigmoid(beta (a_w - a_l)),
+    IPO (a_w - a_l - eta/2)^2; at step 1 (a = 0) log 2 and (eta/2)^2; their gradients by hand."""
+    zero = torch.zeros(3)
+    assert dpo_loss(zero, zero, 1000.0).tolist() == pytest.approx([math.log(2)] * 3)
+    assert ipo_loss(zero, zero, 5.0).tolist() == pytest.approx([6.25] * 3)
+    a_w = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    a_l = torch.tensor([-1.0, 3.0, 0.5], requires_grad=True)
+    eta, d = 4.0, torch.tensor([2.0, -5.0, 0.0])
+    dpo_loss(a_w, a_l, eta).sum().backward()
+    sig = 1 / (1 + torch.exp(d / eta))  # sigmoid(-beta d)
+    assert a_w.grad.tolist() == pytest.approx((-sig / eta).tolist()) and a_l.grad.tolist() == pytest.approx((sig / eta).tolist())
+    a_w.grad = a_l.grad = None
+    ipo_loss(a_w, a_l, eta).sum().backward()
+    assert a_w.grad.tolist() == pytest.approx((2 * (d - eta / 2)).tolist())
+    assert a_l.grad.tolist() == pytest.approx((-2 * (d - eta / 2)).tolist())
+
+
+@pytest.mark.parametrize("loss, first", [("dpo", math.log(2)), ("ipo", 6.25)])
+def test_baseline_losses_train(world, data, tmp_path, loss, first):
+    """--loss dpo / ipo on the same best/worst pairs: step 1 is log 2 / (eta/2)^2 (eta 5), then the winners'
+    log-ratios rise above the losers'."""
+    train(world, data, tmp_path / "ckpt", "--loss", loss, "--epochs", 4)
+    log = read_jsonl(tmp_path / "ckpt" / "train_log.jsonl")
+    assert log[0]["loss"] == pytest.approx(first, rel=1e-5)
+    assert log[-1]["loss"] < log[0]["loss"] and log[-1]["log_ratio_pos"] > log[-1]["log_ratio_neg"]
+    assert json.load(open(tmp_path / "ckpt" / "sppo_train.json"))["settings"]["loss"] == loss
+    p = train(world, data, tmp_path / "other", "--loss", loss, "--select", "all", check=False)
+    assert p.returncode == 2 and "needs --select best-worst" in p.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ one CPU thread, deterministic for a seed; held-out pairwise accuracy ~0.98 (prin
     build_ranker("runs/tiny/world/ranker")      # what examples/tiny/build.py calls
 
 writes DIR/ as two loaders want it, offline:
-    DIR/config.json, model.safetensors, tokenizer.json   rank.py's load_ranker(DIR) (DebertaV2PairRM.from_pretrained)
+    DIR/config.json, model.safetensors, tokenizer.json   pairrm.load_ranker(DIR) (DebertaV2PairRM.from_pretrained)
     DIR/backbone/                                        the DeBERTa-v2 backbone + tokenizer: llm-blender's Blender
                                                          rebuilds the backbone from config.json's "model_name"
                                                          (microsoft/deberta-v3-large for the real PairRM) and then
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import world  # noqa: E402
-from rank import CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX, SOURCE_PREFIX, encode_pairs, pairrm_class  # noqa: E402
+from pairrm import CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX, SOURCE_PREFIX, encode_pairs, pairrm_class  # noqa: E402
 
 
 def build_tokenizer(texts, vocab_size):
