@@ -23,7 +23,7 @@ FLAGS = {"K": (generate, "k"), "TEMPERATURE": (generate, "temperature"), "TOP_P"
 
 def config(name, **env):
     """The variables a config sets, as run_loop.sh sees them (sourced by bash, environment cleared)."""
-    script = f'source configs/{name}.env; for v in {" ".join(FLAGS)} GEN_ARGS TRAIN_ARGS GPUS; do echo "$v=${{!v}}"; done'
+    script = f'source configs/{name}.env; for v in {" ".join(FLAGS)} GEN_ARGS TRAIN_ARGS GPUS PROMPTS; do echo "$v=${{!v}}"; done'
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PATH": os.environ["PATH"], **env}).stdout
     return dict(line.split("=", 1) for line in out.splitlines())
@@ -45,3 +45,6 @@ def test_tiny_config_sets_only_what_differs():
         assert (tiny[var] != release[var]) == (var in lines), f"tiny.env: {var} should be set only if it differs"
     assert tiny["TRAIN_ARGS"] == "" and tiny["GPUS"] == "0" and release["GPUS"] == "8"
     assert config("tiny", K="3")["K"] == "3"  # the environment still wins
+    # a value with braces: '{iter}' inside ${VAR:-...} must not end the expansion early (it left a stray '}')
+    assert release["PROMPTS"] == "UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iter}"
+    assert config("mistral7b", PROMPTS="my.jsonl")["PROMPTS"] == "my.jsonl"

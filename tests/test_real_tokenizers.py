@@ -32,7 +32,7 @@ def models(tmp_path_factory):
     """The three tiny real-vocabulary models, built once per test session (a few seconds each)."""
     import real_vocab
     out = tmp_path_factory.mktemp("real_vocab")
-    return {kind: real_vocab.build(kind, out / kind) or out / kind for kind in KINDS}
+    return {kind: real_vocab.build(kind, out / kind) for kind in KINDS}
 
 
 def tokenizer(models, kind):
@@ -106,8 +106,9 @@ def test_generate_keeps_the_ids(pipeline, models):
                 assert ids and all(0 <= t < len(tok) for t in ids)
                 stops = ids[-1] in stop_ids
                 assert (why == "stop") == stops and (why == "length") == (len(ids) == 12 and not stops)
-                if engine == "vllm":
-                    assert text == decode_response(tok, r["prompt_token_ids"], ids), (ids, text)
+                if engine == "vllm":  # (vLLM holds back a last token that ends inside a UTF-8 character)
+                    full = decode_response(tok, r["prompt_token_ids"], ids)
+                    assert full == text or full.startswith(text) and "\ufffd" in full[len(text):], (ids, text)
 
 
 def test_trained_ids_are_the_sampled_ids(pipeline, models):

@@ -254,7 +254,8 @@ def build(kind, out, seed=0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = gen
 
-    tmp = out.rstrip("/") + ".tmp"
+    out = os.fspath(out).rstrip("/")
+    tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     # chat_template inside tokenizer_config.json, where the hub's files have it (and tools older than
