@@ -20,8 +20,10 @@
    rate the model would have at equal length (AlpacaEval 2.0's GLM without its per-instruction terms).
 
 Writes OUT/results.json, OUT/results.md (also printed), OUT/winrate.png, and OUT/alpaca_eval/NAME/model_outputs.json
-([{"instruction", "output", "generator"}]) for each model, for alpaca_eval with its own judge:
-    alpaca_eval --model_outputs OUT/alpaca_eval/iter3/model_outputs.json
+([{"instruction", "output", "generator"}]) for each model, to score with AlpacaEval's own judge (README):
+    alpaca_eval --model_outputs OUT/alpaca_eval/iter3/model_outputs.json --reference_outputs REFERENCE.json \
+        --annotators_config weighted_alpaca_eval_gpt4_turbo
+with a warning when they are not AlpacaEval's 805 instructions in its order (its LC would then misalign).
 """
 import argparse
 import hashlib
@@ -241,6 +243,14 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
 
 
+def alpaca_eval_misaligned(reference, instructions):
+    """Whether AlpacaEval's own length-controlled win rate could misread the exported outputs. Its GLM looks up
+    each row's instruction difficulty by row position, which is right only for AlpacaEval's 805 instructions,
+    all of them, in its order: known here only when the reference has 805 outputs and the exported
+    instructions are exactly its instructions, in its order."""
+    return not (reference is not None and len(reference) == 805 and list(reference) == list(instructions))
+
+
 def markdown_table(results, base_name, ranker):
     lines = [f"Win rates against **{base_name}**, judged by `{ranker}` (both orders; a tie counts 1/2). "
              "LC: length-controlled.", "",
@@ -407,6 +417,10 @@ def main():
     for name, _ in models:
         rows = [{"instruction": outputs[name][i][0], "output": outputs[name][i][1], "generator": name} for i in kept]
         write_json(os.path.join(args.out, "alpaca_eval", name, "model_outputs.json"), rows)
+    if alpaca_eval_misaligned(reference, [row["instruction"] for row in rows]):  # the exported instructions
+        print(f"warning: {args.out}/alpaca_eval/*/model_outputs.json are not AlpacaEval's 805 instructions in its "
+              "order: AlpacaEval's own length-controlled win rate, which looks up instruction difficulty by row "
+              "position, would misalign on them (its raw win rate would not)", file=sys.stderr)
     print(table)
     print(f"evaluate: {len(models)} models on {len(kept)} prompts in {time.time() - t0:.1f}s -> {args.out}",
           file=sys.stderr)

@@ -32,6 +32,12 @@ def prompt_seed(seed, rid):
     return int(hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()[:15], 16)
 
 
+def sample_seed(seed, seed_mode, rid, p):
+    """The seed of sample p of prompt rid: its own stream (prompt), or the release's seed + 50 p for every
+    prompt (the released generate.py's p * 50, with --seed 0)."""
+    return seed + 50 * p if seed_mode == "release" else prompt_seed(seed, rid) + p
+
+
 def context_length(model):
     from transformers import AutoConfig
     return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or 1 << 30
@@ -211,7 +217,7 @@ def main():
             rows = []
             for p in range(args.k):
                 for r, ids in part:
-                    seed = args.seed + 50 * p if args.seed_mode == "release" else prompt_seed(args.seed, r["id"]) + p
+                    seed = sample_seed(args.seed, args.seed_mode, r["id"], p)
                     rows.append((ids, seed, min(args.max_tokens, ctx - len(ids))))
             results = run(rows)
             out = []

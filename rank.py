@@ -15,6 +15,9 @@ K(K-1) forwards of batch size 1 per prompt).
 --prob-mode pairwise (default): P_ij = (sigmoid(M_ij) + 1 - sigmoid(M_ji)) / 2, a true head-to-head
 probability from both orders of the pair. --prob-mode bt: the released code's Bradley-Terry shortcut
 P_ij = sigmoid(s_i - s_j), s_i = mean_j (M_ij - M_ji), which depends on the other candidates.
+
+PairRM reads the plain prompt as its source. --source-template MODEL gives it what the released code gives
+it instead: the prompt through MODEL's chat template, cut before the answer (release_source).
 """
 import argparse
 import sys
@@ -22,8 +25,8 @@ import time
 
 import numpy as np
 
-from common import (InputError, ResumableWriter, check_paths, field, main_guard, parse_shard, progress, prompt_id,
-                    read_jsonl, take_shard)
+from common import (InputError, ResumableWriter, check_paths, field, load_tokenizer, main_guard, parse_shard, progress,
+                    prompt_id, read_jsonl, take_shard)
 from pairrm import SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, load_ranker, pair_logits, sigmoid
 
 # -----------------------------------------------------------------------------
@@ -59,6 +62,16 @@ def win_rates(P):
 
 
 PROB_MODES = {"pairwise": pairwise_probs, "bt": bt_probs}
+
+
+def release_source(tok, prompt):
+    """PairRM's source text as the released rank.py makes it: the prompt as a user turn and the answer "None"
+    as an assistant turn, through the policy's chat template, cut at the first "None", i.e. just before
+    the answer (Mistral-7B-Instruct-v0.2: '<s>[INST] x [/INST]'). A prompt that contains "None" is cut there
+    too, as released. (The release also passes `add_generate_prompt=True`, a misspelling that every
+    template ignores; it is left out here.)"""
+    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "None"}]
+    return tok.apply_chat_template(chat, tokenize=False).split("None")[0]
 
 
 def ordered_pairs(k):
@@ -106,7 +119,11 @@ def parser():
     ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise")
     ap.add_argument("--batch-size", type=int, default=None, help="pair rows per forward (default: 32 cuda, 8 cpu)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="default: bf16 on cuda, fp32 on cpu; fp16: the release's (llm-blender halves PairRM on cuda)")
+    ap.add_argument("--source-template", default=None, metavar="MODEL", help="give PairRM the prompt through MODEL's "
+                    "chat template, cut before the answer, as the released rank.py does (default: the plain prompt, "
+                    "which is what PairRM was trained on)")
     ap.add_argument("--shard", default="0/1", help="i/n: this process takes records whose position mod n == i")
     ap.add_argument("--write-every", type=int, default=256, help="prompts per scoring call; finished ones are saved")
     return ap
@@ -122,7 +139,15 @@ def main():
     check_paths([args.inp], args.out)
     if args.batch_size is not None and args.batch_size < 1 or args.write_every < 1:
         raise InputError("--batch-size and --write-every must be at least 1")
-    writer = ResumableWriter(args.out, {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k}, "rank")
+    template = None
+    if args.source_template:
+        try:
+            template = load_tokenizer(args.source_template)
+        except InputError as e:  # load_tokenizer names the flag --model
+            raise InputError(str(e).replace("--model ", "--source-template ", 1))
+    settings = {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k,
+                **({"source_template": args.source_template} if template else {})}  # (earlier runs have no key)
+    writer = ResumableWriter(args.out, settings, "rank")
     for n, r in records:  # resuming: what was ranked must be these very responses (not an older generation's)
         old = writer.done.get(r["id"])
         if old is not None and (old.get("prompt"), old.get("responses")) != (r["prompt"], r["responses"]):
@@ -144,10 +169,16 @@ def main():
           f"{len(todo)} to do, K={k}, {len(todo) * len(cells)} pairs, prob_mode={args.prob_mode}", file=sys.stderr)
 
     # --- rank
+    source = {r["id"]: release_source(template, r["prompt"]) if template else r["prompt"] for _, r in todo}
+    if template:
+        cut = sum("None" in r["prompt"] for _, r in todo)
+        if cut:
+            print(f"warning: {cut} prompts contain 'None'; --source-template cuts PairRM's source there, as the "
+                  "release does", file=sys.stderr)
     t0 = time.time()
     if todo:
         model, tokenizer = load_ranker(args.ranker, device, dtype)
-        long = count_long_sources(tokenizer, [r["prompt"] for _, r in todo])
+        long = count_long_sources(tokenizer, list(source.values()))
         if long:
             print(f"warning: {long} prompts are longer than PairRM's {SOURCE_MAX_LENGTH}-token source limit; it reads "
                   "the start of each (as llm-blender does)", file=sys.stderr)
@@ -155,7 +186,7 @@ def main():
         bar = progress(total=len(todo) * len(cells), desc="rank", unit="pair")
         for start in range(0, len(todo), args.write_every):
             part = todo[start:start + args.write_every]
-            pairs = [(r["prompt"], r["responses"][i], r["responses"][j]) for _, r in part for i, j in cells]
+            pairs = [(source[r["id"]], r["responses"][i], r["responses"][j]) for _, r in part for i, j in cells]
             flat = pair_logits(model, tokenizer, pairs, batch_size, device, bar)
             out = []
             for p, (n, r) in enumerate(part):

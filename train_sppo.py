@@ -167,6 +167,20 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length, bos):
     return prompt_ids, [a[:room] for a in responses]
 
 
+def truncate_release(prompt_ids, responses, max_length, max_prompt_length):
+    """The released trainer's rule (TRL DPOTrainer.tokenize_row of 2024, truncation_mode keep_end), for
+    --truncation release: nothing is cut unless the prompt plus the LONGER response exceeds max_length; then
+    the prompt keeps its last max_prompt_length tokens (BOS is cut with the rest), and if that is still too
+    long, every response is cut to max_length - max_prompt_length tokens (the shorter one only if it is longer
+    than that), even where the prompt left more room. Ours (truncate) never lets a prompt exceed its budget."""
+    longer = max(len(a) for a in responses)
+    if len(prompt_ids) + longer > max_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    if len(prompt_ids) + longer > max_length:
+        responses = [a[:max_length - max_prompt_length] for a in responses]
+    return prompt_ids, responses
+
+
 def tokenize(tok, records, args):
     """One example per prompt: {"id", "prompt_ids", "responses": [ids], "picked": [indices], "win_rate"}, and
     counts of what was cut or skipped. A prompt whose picked responses cannot all be encoded is skipped (and
@@ -188,7 +202,11 @@ def tokenize(tok, records, args):
         if bad is not None:
             raise InputError(f"{args.data}:{r['line']}: field 'response_token_ids' or 'prompt_token_ids' has id {bad}, "
                              f"outside --model's vocabulary of {len(tok)} (generated with another tokenizer?)")
-        cut_ids, cut_answers = truncate(prompt_ids, answers, args.max_length, args.max_prompt_length, tok.bos_token_id)
+        if args.truncation == "release":
+            cut_ids, cut_answers = truncate_release(prompt_ids, answers, args.max_length, args.max_prompt_length)
+        else:
+            cut_ids, cut_answers = truncate(prompt_ids, answers, args.max_length, args.max_prompt_length,
+                                            tok.bos_token_id)
         counts["cut_prompts"] += len(cut_ids) < len(prompt_ids)
         counts["cut_responses"] += sum(len(a) < len(b) for a, b in zip(cut_answers, answers))
         counts["from_generate" if "response_token_ids" in r else "encoded_from_text"] += len(picked)
@@ -344,7 +362,8 @@ def load_model(args, run):
     own group, gathered just before it runs, then the rest), bf16 compute where asked."""
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                 attn_implementation=args.attn_implementation)  # None: its default
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -533,10 +552,17 @@ def parser():
     # lengths
     ap.add_argument("--max-length", type=int, default=1024, help="max prompt + response tokens")
     ap.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their end")
+    ap.add_argument("--truncation", choices=["ours", "release"], default="ours", help="ours: a prompt over "
+                    "--max-prompt-length always keeps its BOS and end, responses fill the rest (truncate); release: "
+                    "the released trainer's rule, cutting only when prompt + the longer response exceed --max-length "
+                    "(truncate_release)")
     # compute
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                     help="compute dtype; auto: bf16 on a GPU, fp32 on a CPU (master weights stay fp32)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    ap.add_argument("--attn-implementation", default=None, help="passed to from_pretrained: eager, sdpa, "
+                    "flash_attention_2 (default: transformers' choice). Gemma-2 needs eager: the others skip its "
+                    "attention-logit soft-capping")
     return ap
 
 
@@ -566,7 +592,10 @@ def run_settings(args, dtype):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return {"model": args.model, "data_sha256": h.hexdigest(),
-            **({"loss": args.loss} if args.loss != "sppo" else {}),  # (earlier runs, all sppo, have no "loss")
+            # (earlier runs have none of these keys: they were all sppo, ours, transformers' attention)
+            **({"loss": args.loss} if args.loss != "sppo" else {}),
+            **({"truncation": args.truncation} if args.truncation != "ours" else {}),
+            **({"attn_implementation": args.attn_implementation} if args.attn_implementation else {}),
             **{k: getattr(args, k) for k in ("eta", "select", "lr", "epochs", "batch_size", "optimizer", "schedule",
                                              "warmup_ratio", "max_grad_norm", "max_length", "max_prompt_length",
                                              "seed")}, "dtype": dtype}
