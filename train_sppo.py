@@ -256,15 +256,44 @@ def collate(examples, ids, pad, device):
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
-def sequence_logps(model, input_ids, mask, labels, autocast):
-    """log pi(y|x) = sum over response tokens t of log pi(y_t | x, y_<t): a float32 tensor [rows].
+def sequence_logps(model, input_ids, mask, labels, autocast, chunk_elements=2**24):
+    """log pi(y|x): the sum of the response tokens' log-probs, one per row; [rows] float32.
 
-    input_ids, mask, labels: [rows, width] from collate. The logits that predict the last n tokens (n = the
-    longest response) are [rows, n, vocabulary], the largest tensor of a step: only those positions are
-    computed (logits_to_keep; responses end at the last column), and the log-probs are gather - logsumexp,
-    which keeps no log-softmax copy for the backward pass. Position ids count real tokens, so left padding
-    changes nothing."""
-    n = int((labels != -100).sum(-1).max())  # the longest response in the micro-batch
+    input_ids, mask, labels: [rows, T] from collate (labels -100 off the response). The model's forward gives
+    hidden [rows, T, width], the final norm's output that lm_head reads; position j predicts token j + 1, so
+    the M response tokens are predicted by hidden[:, :-1][valid], [M, width], valid = labels[:, 1:] != -100.
+    Memory: the logits, [M, vocabulary], are the largest tensor of a step (3,200 tokens x 128,256 x 4 bytes
+    = 1.6 GB, and as much again for their gradient), so they are never made whole: logps.token_logps
+    computes lm_head + logsumexp + gather over chunks of positions, recomputed chunk by chunk in the
+    backward pass. The model itself computes the logits of its last position only (logits_to_keep=1).
+
+    FSDP2: lm_head's weight is read after the model's forward has returned. The model is FSDP's root, whose
+    forward gathers the root's parameters (embeddings, final norm, lm_head); by FSDP2's default the root
+    keeps them gathered until its backward has reduced their gradients, so this is the full weight, and its
+    gradient reaches FSDP as lm_head's own would.
+    """
+    import torch
+    from logps import token_logps
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
+        # logits are not hidden @ weight^T alone (Gemma-2 caps them): the plain computation, whole logits
+        return sequence_logps_unchunked(model, input_ids, mask, labels, autocast)
+    valid = labels[:, 1:] != -100
+    with autocast():
+        hidden = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        if hasattr(head.weight, "full_tensor"):
+            raise RuntimeError("lm_head's weight is still sharded after the forward: shard the root model with "
+                               "fully_shard's default reshard_after_forward, which keeps it gathered")
+        logp = token_logps(hidden[:, :-1][valid], head.weight, labels[:, 1:][valid], chunk_elements)
+    row = valid.nonzero()[:, 0]  # the row of each of the M tokens: their sums are the rows' log pi(y|x)
+    return torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, row, logp)
+
+
+def sequence_logps_unchunked(model, input_ids, mask, labels, autocast):
+    """sequence_logps for heads the chunked path cannot express (a bias, Gemma-2's logit soft-capping): the
+    logits of the last n positions whole (n = the longest response), then gather - logsumexp."""
+    n = int((labels != -100).sum(-1).max())
     with autocast():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=n + 1).logits[:, :-1].float()
