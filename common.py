@@ -158,9 +158,10 @@ def take_shard(records, shard):
 def check_settings(old, new, where, hint):
     """The one rule for resuming: an output made with other settings is refused, naming the first that differs.
     Used by ResumableWriter (JSONL stages), train_sppo.py (a finished checkpoint) and run_loop.sh (its OUT)."""
-    for name, value in new.items():
-        if old.get(name) != value:
-            raise InputError(f"{where}: was made with {name}={old.get(name)!r}, this run has {name}={value!r}; {hint}")
+    for name in {**new, **old}:  # both ways: a setting only the old output has differs too
+        if old.get(name) != new.get(name):
+            raise InputError(f"{where}: was made with {name}={old.get(name)!r}, this run has {name}={new.get(name)!r}; "
+                             f"{hint}")
 
 
 _fault_hits = {}

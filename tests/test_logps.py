@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from logps import token_logps  # noqa: E402
 from train_sppo import collate, sequence_logps  # noqa: E402
+from train_sppo import sequence_logps_unchunked as unchunked_logps  # noqa: E402  (the whole-logits computation)
 
 torch.set_num_threads(1)
 FP32 = contextlib.nullcontext
@@ -22,17 +23,6 @@ FP32 = contextlib.nullcontext
 
 def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
-def unchunked_logps(model, input_ids, mask, labels, autocast):
-    """The previous sequence_logps: the logits of every response position at once, [rows, n, V]."""
-    n = int((labels != -100).sum(-1).max())
-    with autocast():
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=n + 1).logits[:, :-1].float()
-    targets = labels[:, -n:]
-    logp = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return logp.masked_fill(targets == -100, 0.0).sum(-1)
 
 
 def tiny_llama(vocab, tied, seed=0):
@@ -51,7 +41,7 @@ def batch(vocab, prompts=3, k=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     rand = lambda lo, hi: torch.randint(lo, hi, (), generator=g).item()  # noqa: E731
     ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
-    examples = [{"prompt": ids(rand(3, 13)), "responses": [ids(rand(1, 21)) for _ in range(k)]}
+    examples = [{"prompt_ids": ids(rand(3, 13)), "responses": [ids(rand(1, 21)) for _ in range(k)]}
                 for _ in range(prompts)]
     return collate(examples, list(range(prompts)), 0, "cpu")
 
@@ -191,3 +181,22 @@ def test_fsdp_two_processes_equal_one():
 
 if __name__ == "__main__":
     fsdp_worker()
+
+
+def test_soft_capped_logits_take_the_whole_logits_path():
+    """Gemma-2 caps its logits (cap * tanh(logits / cap)), which the chunked path cannot express: sequence_logps
+    then computes from the model's own (capped) logits, and agrees with log_softmax of them."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                          final_logit_softcapping=0.5, pad_token_id=0)
+    model = Gemma2ForCausalLM(config).eval()
+    input_ids, mask, labels = batch(500)
+    got = sequence_logps(model, input_ids, mask, labels, FP32)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, :-1]
+    assert logits.abs().max() <= 0.5  # capped
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    close(got.detach(), logp.masked_fill(labels[:, 1:] == -100, 0).sum(-1), 1e-5)
