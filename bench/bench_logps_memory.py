@@ -28,17 +28,6 @@ from benchutil import ROOT, machine, median, table, write_json
 METHODS = ["full", "unchunked", "chunked"]
 
 
-def unchunked_logps(model, input_ids, mask, labels, autocast):
-    """train_sppo.sequence_logps before chunking (commit e86aa05)."""
-    n = int((labels != -100).sum(-1).max())
-    with autocast():
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=n + 1).logits[:, :-1].float()
-    targets = labels[:, -n:]
-    logp = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return logp.masked_fill(targets == -100, 0.0).sum(-1)
-
-
 def full_logps(model, input_ids, mask, labels, autocast):
     """The plain step: all logits, a log-softmax copy of them, gather the labels' log-probs."""
     with autocast():
@@ -55,9 +44,9 @@ def child(method, vocab, steps):
     import random
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from train_sppo import collate, sequence_logps, sppo_loss
+    from train_sppo import collate, sequence_logps, sequence_logps_unchunked, sppo_loss
     torch.set_num_threads(1)
-    fn = {"full": full_logps, "unchunked": unchunked_logps, "chunked": sequence_logps}[method]
+    fn = {"full": full_logps, "unchunked": sequence_logps_unchunked, "chunked": sequence_logps}[method]
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                          num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
@@ -67,7 +56,7 @@ def child(method, vocab, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     rng = random.Random(0)
     ids = lambda n: [rng.randrange(1, vocab) for _ in range(n)]  # noqa: E731
-    examples = [{"prompt": ids(rng.randint(60, 100)), "responses": [ids(rng.randint(170, 230)) for _ in range(2)]}
+    examples = [{"prompt_ids": ids(rng.randint(60, 100)), "responses": [ids(rng.randint(170, 230)) for _ in range(2)]}
                 for _ in range(8)]
     input_ids, mask, labels = collate(examples, list(range(8)), 0, "cpu")
     ref, win = torch.full((16,), -2000.0), torch.rand(16, generator=torch.Generator().manual_seed(0))
