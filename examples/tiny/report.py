@@ -55,6 +55,8 @@ def load_iteration(run, t):
             "W": np.array([w for r in ranked.values() for w in r["win_rate"]]),
             "target_pos": float(target[target > 0].mean()) if (target > 0).any() else 0.0,
             "target_neg": float(target[target < 0].mean()) if (target < 0).any() else 0.0,
+            # prompts on which the judge finds nothing to choose between the K samples: W spread under 0.1
+            "alike": float(np.mean([max(r["win_rate"]) - min(r["win_rate"]) < 0.1 for r in ranked.values()])),
             "n_prompts": len(ranked), "k": len(next(iter(ranked.values()))["responses"]),
             "length": float(np.mean([len(y) for y in responses])),
             "rule": float(np.mean([world.judge_score(y) for y in responses]))}
@@ -83,8 +85,8 @@ def judged_outcome(run, name, base, rid, answer, base_answer):
 # -----------------------------------------------------------------------------
 # figures (each function draws one PNG and returns its file name)
 
-def save(fig, run, name):
-    fig.tight_layout()
+def save(fig, run, name, rect=(0, 0, 1, 1)):
+    fig.tight_layout(rect=rect)
     fig.savefig(os.path.join(run, name), dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -111,6 +113,7 @@ def fig_winrate(run, ev, names):
 
 def fig_training(run, its):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, len(its), figsize=(3.4 * len(its) + 0.6, 5.6), sharex="col", squeeze=False)
     top = max(max(s["loss"] for s in it["log"]) for it in its)
     for j, it in enumerate(its):
@@ -125,21 +128,23 @@ def fig_training(run, its):
             b.axhline(it["target_neg"], color="tab:red", ls="--", lw=1, label="their mean target")
         b.axhline(0, color="grey", lw=0.6)
         b.set(xlabel="optimizer step")
+        b.xaxis.set_major_locator(MaxNLocator(integer=True))
         if j == 0:
             a.set_ylabel(f"{its[0]['loss'].upper()} loss")
             b.set_ylabel("log pi(y|x) - log pi_t(y|x)")
-            b.legend(fontsize=7, loc="center left")
-    return save(fig, run, "report_training.png")
+    fig.legend(*axes[1, 0].get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
+    return save(fig, run, "report_training.png", rect=(0, 0.06, 1, 1))  # room for the legend under the panels
 
 
 def fig_W(run, its):
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(its), figsize=(3.2 * len(its) + 0.6, 3.0), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(its), figsize=(3.6 * len(its) + 0.6, 3.0), sharey=True, squeeze=False)
     bins = np.linspace(0, 1, 21)
     for a, it in zip(axes[0], its):
         a.hist(it["W"], bins=bins, color="tab:purple", weights=np.full(len(it["W"]), 100 / len(it["W"])))
         a.axvline(0.5, color="grey", lw=0.8, ls="--")
-        a.set(title=f"iteration {it['t']} (std {it['W'].std():.2f})", xlabel="W (win rate among the K samples)")
+        a.set(title=f"iteration {it['t']}: {100 * it['alike']:.0f}% of prompts all alike",
+              xlabel="W (win rate among the K samples)")
     axes[0, 0].set_ylabel("% of sampled responses")
     return save(fig, run, "report_W.png")
 
@@ -148,9 +153,10 @@ def fig_length(run, its, ev, names):
     import matplotlib.pyplot as plt
     fig, a = plt.subplots(figsize=(5.5, 3.4))
     # iteration t samples from the policy it starts from: base for t = 1, iter(t-1) after
-    a.plot(range(len(its)), [it["length"] for it in its], marker="o", label="sampled (T=0.7), training data")
+    a.plot(range(len(its)), [it["length"] for it in its], marker="o", label="sampled from it (the next training data)")
     a.plot(range(len(names)), [ev["models"][n]["mean_length"] for n in names], marker="s", label="greedy, held-out")
-    a.set(xticks=range(len(names)), xticklabels=names, ylabel="mean response length (characters)", ylim=(0, None))
+    a.set(xticks=range(len(names)), xticklabels=names, xlabel="policy", ylabel="mean response length (characters)",
+          ylim=(0, None))
     a.legend(loc="lower right")
     return save(fig, run, "report_length.png")
 
@@ -228,12 +234,17 @@ def report(run, prompt_id=None):
             f"![distribution of W]({figs['W']})", "",
             "Each iteration samples K responses per training prompt from the current policy, and the judge "
             "scores every pair: W is a response's mean win probability against its K siblings (its own 1/2 "
-            "included), so the mean of W is exactly 1/2 on every prompt. What to see: the spread. Early on the "
-            "samples differ (some signed off, some with fillers) and W spreads out to 0 and 1; as the policy "
-            "learns the preference its samples become alike to the judge and W gathers at 1/2 "
-            f"(standard deviation {its[0]['W'].std():.2f} in iteration 1, {its[-1]['W'].std():.2f} in "
-            f"iteration {its[-1]['t']}). All at 1/2 is what a Nash equilibrium looks like from inside: no sample "
-            "of the policy is preferred to another, and SPPO's targets, hence its updates, go to zero.", "",
+            "included), so W averages exactly 1/2 on every prompt and only its spread carries information. "
+            f"With K = {it0['k']}, a prompt with one bad sample among good ones gives the good ones W near "
+            f"{(0.5 * (it0['k'] - 1) + 1) / it0['k']:.1f} and the bad one W near {0.5 / it0['k']:.1f}; a prompt "
+            "whose samples are all alike to the judge gives every one W = 1/2 and SPPO nothing to learn (every "
+            "target eta (W - 1/2) is 0). What to see: how the mass moves from a broad spread (many good and bad "
+            "samples mixed) towards good majorities with rare bad outliers, and how the share of all-alike "
+            "prompts grows: " + ", ".join(f"{100 * it['alike']:.0f}%" for it in its) + " in iterations "
+            + ", ".join(str(it["t"]) for it in its) + ". All samples alike on every prompt is what the Nash "
+            "equilibrium looks like from inside: no response of the policy is preferred to another, so SPPO's "
+            "updates stop. At temperature 0.7 a policy keeps sampling some bad answers, so the sampled hidden "
+            "score (below) stays under the greedy one.", "",
             "## 4. Length", "",
             f"![mean length]({figs['length']})", "",
             "Mean length in characters of the sampled training responses (the policy each iteration starts "
