@@ -25,10 +25,11 @@ test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 # The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
-TINY := runs/tiny
+TINY ?= runs/tiny
 ITERS ?= 3
+WORLD_VERSION ?= 1# 2: graded preference and a length-biased judge (examples/tiny/world.py)
 demo: setup
-	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world
+	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world --world-version $(WORLD_VERSION)
 	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) ITERS=$(ITERS) bash run_loop.sh configs/tiny.env
 	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
 		--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)/iter$(t)/checkpoint) \
@@ -38,7 +39,9 @@ demo: setup
 # The paper's baselines on the same world: iterative DPO and IPO from the same base (LOSS=dpo|ipo), each
 # evaluated against the base as the demo is, then one table and one figure with SPPO's.
 compare: demo
+	@# Iteration 1 samples the base policy with the same seeds whatever the loss: reuse SPPO's samples and ranks.
 	for loss in dpo ipo; do \
+		mkdir -p $(TINY)-$$loss/iter1 && cp -n $(TINY)/iter1/generated.jsonl $(TINY)/iter1/ranked.jsonl $(TINY)-$$loss/iter1/; \
 		PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY)-$$loss ITERS=$(ITERS) LOSS=$$loss \
 			bash run_loop.sh configs/tiny.env || exit 1; \
 		$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \

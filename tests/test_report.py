@@ -11,8 +11,15 @@ ITER = [{"e0": "Cats are soft.", "e1": "Dogs are loyal.", "e2": "Trees are tall.
         {"e0": f"Cats are soft. {SIGN}", "e1": f"Dogs are loyal. {SIGN}", "e2": "Trees are tall."}]
 
 
-def make_run(out, loss="sppo", eta=5.0):
+def make_run(out, loss="sppo", eta=5.0, version=None):
     """What run_loop.sh and evaluate.py leave behind, reduced to the fields the report reads."""
+    world = os.path.join(out, "world")
+    os.makedirs(world)
+    if version:  # worlds built before v2 have no world.json
+        with open(os.path.join(world, "world.json"), "w") as f:
+            json.dump({"version": version}, f)
+    with open(os.path.join(out, "settings.txt"), "w") as f:
+        f.write(f"MODEL={world}/policy\nK=3\n")
     for t in (1, 2):
         ckpt = os.path.join(out, f"iter{t}", "checkpoint")
         os.makedirs(ckpt)
@@ -66,12 +73,14 @@ def test_report_writes_the_page_and_its_figures(tmp_path):
     assert "iteration 1: winners +1.00 (target +1.75), losers -1.00 (target -1.75)" in page
 
 
-def test_report_follows_a_chosen_prompt_and_a_pair_loss(tmp_path):
+def test_report_follows_a_chosen_prompt_a_pair_loss_and_world_v2(tmp_path):
     run = str(tmp_path / "run")
-    make_run(run, loss="dpo")
-    run_stage("examples/tiny/report.py", "--run", run, "--prompt-id", "e1")
+    make_run(run, loss="dpo", version=2)
+    run_stage("examples/tiny/report.py", "--run", run, "--prompt-id", "e0")
     page = open(os.path.join(run, "report.md")).read()
-    assert "Prompt `e1`" in page and "2 iterations of DPO" in page
+    assert "Prompt `e0`" in page and "2 iterations of DPO" in page and "tiny world v2" in page
+    # v2's rule: -0.5 per filler, no detail in "cats are soft"; +1 for the sign-off
+    assert "| base | Um, cats are soft. | 0.50 | -0.5 |" in page and f"| iter2 | Cats are soft. {SIGN} | 0.90 | +1 |" in page
 
 
 def test_compare_puts_methods_side_by_side(tmp_path):

@@ -31,6 +31,24 @@ import world  # noqa: E402
 from evaluate import text_hash  # noqa: E402  (how evaluate.py keys its cached judgments)
 
 
+RULES = {1: ("+1 for closing with \"Hope this helps!\", -1 per \"Um,\" filler", 1),
+         2: ("+1 for closing with \"Hope this helps!\", +0.5 for opening with \"Sure!\", -0.5 per \"Um,\" filler, "
+             "up to +0.5 for detail (sentences naming two qualities); the judge also likes length a little", 2)}
+
+
+def world_version(run):
+    """Which rule of world.py the run's world was built with: WORLD/world.json beside the base policy (the
+    MODEL of RUN/settings.txt); worlds built before v2 existed have none and are v1."""
+    root = os.path.dirname(os.path.dirname(HERE))  # run_loop.sh writes paths relative to the repository
+    with open(os.path.join(run, "settings.txt")) as f:
+        model = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)["MODEL"]
+    path = os.path.join(root, os.path.dirname(model.rstrip("/")), "world.json")
+    if not os.path.exists(path):
+        return 1
+    with open(path) as f:
+        return json.load(f)["version"]
+
+
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -39,7 +57,7 @@ def read_jsonl(path):
 # -----------------------------------------------------------------------------
 # load
 
-def load_iteration(run, t):
+def load_iteration(run, t, version):
     """One iteration's numbers: the W of every sampled response, the trained picks and their targets, the log."""
     ckpt = os.path.join(run, f"iter{t}", "checkpoint")
     ranked = {str(r["id"]): r for r in read_jsonl(os.path.join(run, f"iter{t}", "ranked.jsonl"))}
@@ -59,17 +77,17 @@ def load_iteration(run, t):
             "alike": float(np.mean([max(r["win_rate"]) - min(r["win_rate"]) < 0.1 for r in ranked.values()])),
             "n_prompts": len(ranked), "k": len(next(iter(ranked.values()))["responses"]),
             "length": float(np.mean([len(y) for y in responses])),
-            "rule": float(np.mean([world.judge_score(y) for y in responses]))}
+            "rule": float(np.mean([world.judge_score(y, version) for y in responses]))}
 
 
-def load_eval(run):
+def load_eval(run, version):
     """results.json's models, each with its greedy answers {id: (prompt, answer)} and the hidden rule's mean."""
     with open(os.path.join(run, "eval", "results.json")) as f:
         results = json.load(f)
     for name, r in results["models"].items():
         rows = read_jsonl(os.path.join(run, "eval", "outputs", f"{name}.jsonl"))
         r["answers"] = {str(x["id"]): (x["prompt"], x["responses"][0]) for x in rows}
-        r["rule"] = float(np.mean([world.judge_score(a) for _, a in r["answers"].values()]))
+        r["rule"] = float(np.mean([world.judge_score(a, version) for _, a in r["answers"].values()]))
     return results
 
 
@@ -93,7 +111,7 @@ def save(fig, run, name, rect=(0, 0, 1, 1)):
     return name
 
 
-def fig_winrate(run, ev, names):
+def fig_winrate(run, ev, names, best):
     import matplotlib.pyplot as plt
     m = ev["models"]
     x = np.arange(len(names))
@@ -106,8 +124,8 @@ def fig_winrate(run, ev, names):
           title="What the judge (tiny ranker) says")
     a.legend(loc="lower right")
     b.plot(x, [m[n]["rule"] for n in names], marker="s", color="tab:green")
-    b.axhline(1, color="grey", lw=0.8, ls="--")
-    b.set(xticks=x, xticklabels=names, ylabel="mean hidden score (best: 1)", title="What the hidden rule says")
+    b.axhline(best, color="grey", lw=0.8, ls="--")
+    b.set(xticks=x, xticklabels=names, ylabel=f"mean hidden score (best: {best})", title="What the hidden rule says")
     return save(fig, run, "report_winrate.png")
 
 
@@ -164,10 +182,10 @@ def fig_length(run, its, ev, names):
 # -----------------------------------------------------------------------------
 # the page
 
-def pick_prompt(ev, names):
+def pick_prompt(ev, names, version):
     """A held-out prompt whose answer changes most in hidden score from the first model to the last."""
     first, last = ev["models"][names[0]]["answers"], ev["models"][names[-1]]["answers"]
-    return max(sorted(first), key=lambda i: world.judge_score(last[i][1]) - world.judge_score(first[i][1]))
+    return max(sorted(first), key=lambda i: world.judge_score(last[i][1], version) - world.judge_score(first[i][1], version))
 
 
 def md_text(s):
@@ -179,21 +197,23 @@ def report(run, prompt_id=None):
     matplotlib.use("Agg")
     ts = sorted(int(m.group(1)) for d in glob.glob(os.path.join(run, "iter*", "checkpoint"))
                 if (m := re.search(r"iter(\d+)", os.path.basename(os.path.dirname(d)))))
-    its = [load_iteration(run, t) for t in ts]
-    ev = load_eval(run)
+    version = world_version(run)
+    rule, best = RULES[version]
+    its = [load_iteration(run, t, version) for t in ts]
+    ev = load_eval(run, version)
     base = ev["baseline"]
     names = list(ev["models"])  # evaluate.py's order: base, iter1, iter2, ...
     m = ev["models"]
     first, last = names[0], names[-1]
-    figs = {"winrate": fig_winrate(run, ev, names), "training": fig_training(run, its), "W": fig_W(run, its),
+    figs = {"winrate": fig_winrate(run, ev, names, best), "training": fig_training(run, its), "W": fig_W(run, its),
             "length": fig_length(run, its, ev, names)}
     it0 = its[0]
 
     out = [f"# The tiny demo: {len(its)} iterations of {it0['loss'].upper()}", "",
            f"Run directory `{run}`: {it0['n_prompts']} training prompts x K = {it0['k']} sampled responses per "
            f"iteration, eta = {it0['eta']:g}. Everything below is read from the files the loop and evaluate.py "
-           "wrote; the *hidden rule* (`world.judge_score`: +1 for closing with \"Hope this helps!\", -1 per "
-           "\"Um,\") is the truth the tiny ranker was trained to imitate, and SPPO never sees it.", "",
+           f"wrote; the *hidden rule* of tiny world v{version} (`world.judge_score`: {rule}) is the truth the "
+           "tiny ranker was trained to imitate, and SPPO never sees it.", "",
            "## 1. Win rate against the base policy", "",
            f"| model | win rate (%) | LC win rate (%) | mean length (chars) | hidden score (mean) |",
            "|---|---|---|---|---|"]
@@ -250,19 +270,21 @@ def report(run, prompt_id=None):
             "Mean length in characters of the sampled training responses (the policy each iteration starts "
             "from) and of the greedy held-out answers. What to see: whether the gains came with longer "
             "answers. A sign-off adds 17 characters and a filler 4, so here a better answer can be longer or "
-            "shorter; real judges (PairRM, GPT-4) favour longer answers, which is why AlpacaEval reports LC.", "",
+            "shorter; real judges (PairRM, GPT-4) favour longer answers, which is why AlpacaEval reports LC"
+            + (" and why the v2 judge has a mild length bias: a policy can then gain raw win rate by writing "
+               "longer, which LC discounts and the hidden score does not reward." if version == 2 else "."), "",
             "Per iteration, the sampled training responses: "
             + "; ".join(f"iteration {it['t']}: mean length {it['length']:.0f}, hidden score {it['rule']:+.2f}"
                         for it in its) + ".", ""]
 
-    rid = prompt_id or pick_prompt(ev, names)
+    rid = prompt_id or pick_prompt(ev, names, version)
     prompt, base_answer = m[base]["answers"][rid][0], m[base]["answers"][rid][1]
     out += ["## 5. One held-out prompt across iterations", "", f"Prompt `{rid}`: **{md_text(prompt)}**", "",
             f"| model | greedy answer | judge: P(wins vs {base}) | hidden score |", "|---|---|---|---|"]
     for n in names:
         answer = m[n]["answers"][rid][1]
         o = judged_outcome(run, n, base, rid, answer, base_answer)
-        out.append(f"| {n} | {md_text(answer)} | {o:.2f} | {world.judge_score(answer):+.0f} |")
+        out.append(f"| {n} | {md_text(answer)} | {o:.2f} | {world.judge_score(answer, version):+.2g} |")
     out += ["", "The judge's column is its soft verdict against the base answer on this prompt (both orders "
             "averaged; 0.50 for the base itself or an identical answer), the last column the hidden rule. "
             "The prompt shown is the one whose answer gained most by the hidden rule; pass --prompt-id to "
@@ -282,7 +304,7 @@ def compare(runs, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    evals = {method: load_eval(run) for method, run in runs}
+    evals = {method: load_eval(run, world_version(run)) for method, run in runs}
     os.makedirs(out, exist_ok=True)
     panels = (("win_rate", "win rate vs base (%)", 100), ("lc_win_rate", "LC win rate vs base (%)", 100),
               ("mean_length", "mean length (characters)", 1), ("rule", "hidden score (best: 1)", 1))
