@@ -119,7 +119,7 @@ def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16
         M = torch.cat([model(*batch(test_rows[i:i + 64], tok.pad_token_id), return_dict=True).logits
                        for i in range(0, len(test_rows), 64)])
     decided = test_labels != 0.5
-    accuracy = ((M[decided] > 0).float() == test_labels[decided]).float().mean().item()
+    accuracy = ((M[decided] > 0) == (test_labels[decided] > 0.5)).float().mean().item()  # v2's labels are soft
     log(f"  ranker held-out pairwise accuracy {accuracy:.3f} ({decided.sum().item()} ordered pairs the judge decides; "
         f"mean |M| {M[decided].abs().mean():.1f} there, {M[~decided].abs().mean():.1f} on ties) in {time.time() - t0:.1f}s")
 
