@@ -188,6 +188,19 @@ def pick_prompt(ev, names, version):
     return max(sorted(first), key=lambda i: world.judge_score(last[i][1], version) - world.judge_score(first[i][1], version))
 
 
+def agreement(m, names):
+    """A sentence on whether the judge's win rate and the hidden rule moved together from model to model."""
+    def moved(a, b, key, small):  # +1, -1, or 0 for a change too small to call
+        d = m[b][key] - m[a][key]
+        return 0 if abs(d) < small else (1 if d > 0 else -1)
+    split = [f"{a} to {b}" for a, b in zip(names, names[1:])
+             if moved(a, b, "win_rate", 0.01) != moved(a, b, "rule", 0.05)]
+    if not split:
+        return "The two move together: the judge's verdicts track the truth, because the ranker learned the rule."
+    return (f"They do not move together from {', '.join(split)} (one flat or down while the other moves): the "
+            "judge is an imitation of the rule, with its own errors and, in world v2, a liking for length.")
+
+
 def md_text(s):
     return s.replace("|", "\\|").replace("\n", " ")
 
@@ -225,11 +238,12 @@ def report(run, prompt_id=None):
             f"Each model answers the {ev['n_prompts']} held-out prompts greedily; the judge (the tiny ranker, "
             f"in both orders) compares each answer with {base}'s on the same prompt, and the win rate is the "
             f"share of prompts won (a tie counts half). {base} against itself is 50% by definition. What to see: "
-            f"the win rate climbs from 50% to {100 * m[last]['win_rate']:.0f}% by {last}, and the hidden score "
-            f"(right) climbs with it, from {m[first]['rule']:+.2f} to {m[last]['rule']:+.2f}: the judge's verdicts "
-            "track the truth here because the ranker learned the rule well. LC, the win rate at equal length, "
-            "stays close to the raw one when the judge does not care about length; a gap between the two "
-            "would mean part of the wins came from writing longer (or shorter) answers.", "",
+            f"the win rate goes from 50% to {100 * m[last]['win_rate']:.0f}% by {last}, and the hidden score "
+            f"(right) from {m[first]['rule']:+.2f} to {m[last]['rule']:+.2f}. " + agreement(m, names) + " LC is the "
+            "win rate the model would have at equal length; here it is within "
+            f"{max(100 * abs(m[n]['win_rate'] - m[n]['lc_win_rate']) for n in names):.1f} points of the raw one at "
+            "every iteration. A gap between the two means part of the wins came from writing longer (or shorter) "
+            "answers than the base, which a judge that likes length rewards.", "",
             "## 2. Training curves", "",
             f"![training curves]({figs['training']})", ""]
     if it0["loss"] == "sppo":
