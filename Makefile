@@ -25,15 +25,19 @@ test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 # The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
-TINY ?= runs/tiny
+# WORLD_VERSION=2: graded preference and a length-biased judge (examples/tiny/world.py), in runs/tiny2, judged
+# on answers sampled as in training: greedy decoding takes a quality up all at once, as soon as it is the likelier
+# choice, and the win rate then jumps to its ceiling in one iteration instead of growing with the policy.
+WORLD_VERSION ?= 1
+TINY ?= runs/tiny$(filter-out 1,$(WORLD_VERSION))
+EVAL_ARGS ?= $(if $(filter 2,$(WORLD_VERSION)),--temperature 0.7 --top-p 0.9 --seed 0)
 ITERS ?= 3
-WORLD_VERSION ?= 1# 2: graded preference and a length-biased judge (examples/tiny/world.py)
 demo: setup
 	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world --world-version $(WORLD_VERSION)
 	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) ITERS=$(ITERS) bash run_loop.sh configs/tiny.env
 	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
 		--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)/iter$(t)/checkpoint) \
-		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32
+		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32 $(EVAL_ARGS)
 	$(VENV)/bin/python examples/tiny/report.py --run $(TINY)
 
 # The paper's baselines on the same world: iterative DPO and IPO from the same base (LOSS=dpo|ipo), each
@@ -46,7 +50,7 @@ compare: demo
 			bash run_loop.sh configs/tiny.env || exit 1; \
 		$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
 			--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)-$$loss/iter$(t)/checkpoint) \
-			--baseline base --out $(TINY)-$$loss/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32 && \
+			--baseline base --out $(TINY)-$$loss/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32 $(EVAL_ARGS) && \
 		$(VENV)/bin/python examples/tiny/report.py --run $(TINY)-$$loss || exit 1; \
 	done
 	$(VENV)/bin/python examples/tiny/report.py --compare sppo=$(TINY) dpo=$(TINY)-dpo ipo=$(TINY)-ipo --out $(TINY)-compare

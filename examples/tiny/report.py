@@ -81,12 +81,15 @@ def load_iteration(run, t, version):
 
 
 def load_eval(run, version):
-    """results.json's models, each with its greedy answers {id: (prompt, answer)} and the hidden rule's mean."""
+    """results.json's models, each with its answers {id: (prompt, answer)} and the hidden rule's mean; how they
+    were decoded (evaluate.py decodes greedily unless told otherwise)."""
     with open(os.path.join(run, "eval", "results.json")) as f:
         results = json.load(f)
     for name, r in results["models"].items():
         rows = read_jsonl(os.path.join(run, "eval", "outputs", f"{name}.jsonl"))
         r["answers"] = {str(x["id"]): (x["prompt"], x["responses"][0]) for x in rows}
+        t = rows[0].get("generate", {}).get("temperature", 0)
+        results["decoding"] = "greedy" if not t else f"sampled at T={t:g}"
         r["rule"] = float(np.mean([world.judge_score(a, version) for _, a in r["answers"].values()]))
     return results
 
@@ -172,7 +175,7 @@ def fig_length(run, its, ev, names):
     fig, a = plt.subplots(figsize=(5.5, 3.4))
     # iteration t samples from the policy it starts from: base for t = 1, iter(t-1) after
     a.plot(range(len(its)), [it["length"] for it in its], marker="o", label="sampled from it (the next training data)")
-    a.plot(range(len(names)), [ev["models"][n]["mean_length"] for n in names], marker="s", label="greedy, held-out")
+    a.plot(range(len(names)), [ev["models"][n]["mean_length"] for n in names], marker="s", label=f"{ev['decoding']}, held-out")
     a.set(xticks=range(len(names)), xticklabels=names, xlabel="policy", ylabel="mean response length (characters)",
           ylim=(0, None))
     a.legend(loc="lower right")
@@ -235,7 +238,7 @@ def report(run, prompt_id=None):
         out.append(f"| {n} | {100 * r['win_rate']:.1f} ± {100 * r['se']:.1f} | {100 * r['lc_win_rate']:.1f} ± "
                    f"{100 * r['lc_se']:.1f} | {r['mean_length']:.0f} | {r['rule']:+.2f} |")
     out += ["", f"![win rate]({figs['winrate']})", "",
-            f"Each model answers the {ev['n_prompts']} held-out prompts greedily; the judge (the tiny ranker, "
+            f"Each model answers the {ev['n_prompts']} held-out prompts once, {ev['decoding']}; the judge (the tiny ranker, "
             f"in both orders) compares each answer with {base}'s on the same prompt, and the win rate is the "
             f"share of prompts won (a tie counts half). {base} against itself is 50% by definition. What to see: "
             f"the win rate goes from 50% to {100 * m[last]['win_rate']:.0f}% by {last}, and the hidden score "
@@ -277,12 +280,12 @@ def report(run, prompt_id=None):
             "prompts grows: " + ", ".join(f"{100 * it['alike']:.0f}%" for it in its) + " in iterations "
             + ", ".join(str(it["t"]) for it in its) + ". All samples alike on every prompt is what the Nash "
             "equilibrium looks like from inside: no response of the policy is preferred to another, so SPPO's "
-            "updates stop. At temperature 0.7 a policy keeps sampling some bad answers, so the sampled hidden "
-            "score (below) stays under the greedy one.", "",
+            "updates stop. At temperature 0.7 a policy keeps sampling some bad answers long after its most likely "
+            "answer is good.", "",
             "## 4. Length", "",
             f"![mean length]({figs['length']})", "",
             "Mean length in characters of the sampled training responses (the policy each iteration starts "
-            "from) and of the greedy held-out answers. What to see: whether the gains came with longer "
+            f"from) and of the held-out answers ({ev['decoding']}). What to see: whether the gains came with longer "
             "answers. A sign-off adds 17 characters and a filler 4, so here a better answer can be longer or "
             "shorter; real judges (PairRM, GPT-4) favour longer answers, which is why AlpacaEval reports LC"
             + (" and why the v2 judge has a mild length bias: a policy can then gain raw win rate by writing "
@@ -294,7 +297,7 @@ def report(run, prompt_id=None):
     rid = prompt_id or pick_prompt(ev, names, version)
     prompt, base_answer = m[base]["answers"][rid][0], m[base]["answers"][rid][1]
     out += ["## 5. One held-out prompt across iterations", "", f"Prompt `{rid}`: **{md_text(prompt)}**", "",
-            f"| model | greedy answer | judge: P(wins vs {base}) | hidden score |", "|---|---|---|---|"]
+            f"| model | answer ({ev['decoding']}) | judge: P(wins vs {base}) | hidden score |", "|---|---|---|---|"]
     for n in names:
         answer = m[n]["answers"][rid][1]
         o = judged_outcome(run, n, base, rid, answer, base_answer)
@@ -336,7 +339,7 @@ def compare(runs, out):
 
     lines = ["# SPPO against iterative DPO and IPO on the tiny world", "",
              "The same base policy, prompts, samples per prompt and judge; only the loss differs (train_sppo.py "
-             "--loss). Each method's greedy held-out answers are judged against the base policy's; the hidden "
+             "--loss). Each method's held-out answers are judged against the base policy's; the hidden "
              "score is the tiny world's rule (world.judge_score), which no method sees.", "",
              "| method | iteration | win rate (%) | LC win rate (%) | mean length (chars) | hidden score |",
              "|---|---|---|---|---|---|"]
