@@ -272,13 +272,19 @@ def report(run, prompt_id=None):
             "Each iteration samples K responses per training prompt from the current policy, and the judge "
             "scores every pair: W is a response's mean win probability against its K siblings (its own 1/2 "
             "included), so W averages exactly 1/2 on every prompt and only its spread carries information. "
-            f"With K = {it0['k']}, a prompt with one bad sample among good ones gives the good ones W near "
+            f"With K = {it0['k']} and a decisive judge (world v1), a prompt with one bad sample among good ones "
+            "gives the good ones W near "
             f"{(0.5 * (it0['k'] - 1) + 1) / it0['k']:.1f} and the bad one W near {0.5 / it0['k']:.1f}; a prompt "
             "whose samples are all alike to the judge gives every one W = 1/2 and SPPO nothing to learn (every "
             "target eta (W - 1/2) is 0). What to see: how the mass moves from a broad spread (many good and bad "
             "samples mixed) towards good majorities with rare bad outliers, and how the share of all-alike "
             "prompts grows: " + ", ".join(f"{100 * it['alike']:.0f}%" for it in its) + " in iterations "
-            + ", ".join(str(it["t"]) for it in its) + ". All samples alike on every prompt is what the Nash "
+            + ", ".join(str(it["t"]) for it in its) + ". "
+            + ("World v2's judge is soft (a small difference in quality wins only a little more often than "
+               "not), so there W stays well inside 0-1 and what to watch is its spread, which narrows when the "
+               "samples grow alike: standard deviation " + ", ".join(f"{it['W'].std():.3f}" for it in its)
+               + ". " if version == 2 else "")
+            + "All samples alike on every prompt is what the Nash "
             "equilibrium looks like from inside: no response of the policy is preferred to another, so SPPO's "
             "updates stop. At temperature 0.7 a policy keeps sampling some bad answers long after its most likely "
             "answer is good.", "",
