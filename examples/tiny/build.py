@@ -8,6 +8,7 @@ writes
                            toy answers of world.py so it writes short, varied, readable answers
     OUT/prompts.jsonl      training prompts {"id", "prompt"}
     OUT/eval_prompts.jsonl held-out prompts (no prompt text shared with prompts.jsonl)
+    OUT/world.json         {"version": 1 or 2, "seed"}: which of world.py's rules the ranker learned
     OUT/ranker/            the tiny judge: a PairRM-shaped ranker (DeBERTa-v2 backbone, PairRM's special tokens
                            and head, sentencepiece tokenizer) trained on world.judge_score's preference;
                            rank.py --ranker OUT/ranker and llm-blender's Blender().loadranker(OUT/ranker) load it
@@ -51,9 +52,9 @@ def build_tokenizer(texts, vocab_size):
                                    chat_template=CHAT_TEMPLATE, padding_side="left")
 
 
-def build_policy(out, seed, steps, log=print):
+def build_policy(out, seed, steps, version=1, log=print):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    pairs = world.corpus(seed, 4000)
+    pairs = world.corpus(seed, 4000, version)
     tokenizer = build_tokenizer([p for p, _ in pairs] + [a for _, a in pairs], vocab_size=600)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -92,6 +93,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-prompts", type=int, default=600)
     ap.add_argument("--policy-steps", type=int, default=300, help="0 leaves the policy random")
+    ap.add_argument("--world-version", type=int, choices=[1, 2], default=1, help="2: graded preference with "
+                    "partial credit and a judge that mildly likes length (world.py)")
     args = ap.parse_args()
     # One thread: matrices this small gain nothing from more, and on a busy machine each extra thread's
     # synchronisation costs more than the work (8x slower measured with 2 threads on 2 shared cores). It
@@ -112,9 +115,12 @@ def main():
     write_prompts(f"{tmp}/eval_prompts.jsonl", eval_texts, "e")  # each held-out text once: eval is greedy
 
     print(f"building tiny policy ({args.policy_steps} training steps)")
-    build_policy(f"{tmp}/policy", args.seed, args.policy_steps)
+    build_policy(f"{tmp}/policy", args.seed, args.policy_steps, args.world_version)
     print("building tiny ranker (PairRM-shaped, trained on the synthetic preference)")
-    build_ranker(f"{tmp}/ranker", args.seed, backbone_path=os.path.join(os.path.abspath(args.out), "ranker", "backbone"))
+    build_ranker(f"{tmp}/ranker", args.seed, backbone_path=os.path.join(os.path.abspath(args.out), "ranker", "backbone"),
+                 version=args.world_version)
+    with open(f"{tmp}/world.json", "w") as f:  # which rule judge_score applies (report.py reads it)
+        json.dump({"version": args.world_version, "seed": args.seed}, f)
 
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)

@@ -54,15 +54,19 @@ def build_tokenizer(texts, vocab_size):
     return tok
 
 
-def make_pairs(rng, n):
-    """(prompt, a, b, label): label 1 if the judge prefers a, 0 if b, 1/2 for a tie (so that M is near 0 when
-    the judge has no preference, and self-play is not pushed by noise). Each pair's answers are drawn with
-    their own sign-off and filler rates so that every combination is common."""
+def make_pairs(rng, n, version=1):
+    """(prompt, a, b, label): label = world.preference(a, b): in world v1 1 if the judge prefers a, 0 if b, 1/2
+    for a tie (so that M is near 0 when the judge has no preference, and self-play is not pushed by noise); in
+    v2 the judge's probability. Each pair's answers are drawn with their own rates of every quality so that
+    every combination is common."""
     out = []
     for prompt in world.make_prompts(rng, n):
-        a, b = (world.make_answer(rng, prompt, rng.random(), rng.uniform(0, 0.6)) for _ in range(2))
-        d = world.judge_score(a) - world.judge_score(b)
-        out.append((prompt, a, b, 0.5 if d == 0 else float(d > 0)))
+        if version == 1:
+            a, b = (world.make_answer(rng, prompt, rng.random(), rng.uniform(0, 0.6)) for _ in range(2))
+        else:
+            a, b = (world.make_answer(rng, prompt, rng.random(), rng.uniform(0, 0.6), rng.random(), rng.random())
+                    for _ in range(2))
+        out.append((prompt, a, b, world.preference(a, b, version)))
     return out
 
 
@@ -73,13 +77,15 @@ def batch(rows, pad):
     return ids, mask
 
 
-def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16, lr=1e-3, backbone_path=None, log=print):
+def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16, lr=1e-3, backbone_path=None, log=print,
+                 version=1):
     """Train and save the tiny ranker to `out`; returns its pairwise accuracy on held-out pairs.
-    backbone_path: where out/backbone will finally be (if `out` is renamed afterwards), for Blender."""
+    backbone_path: where out/backbone will finally be (if `out` is renamed afterwards), for Blender.
+    version: the tiny world's (world.preference)."""
     from transformers import DebertaV2Config
     t0 = time.time()
     rng = random.Random(seed)
-    train, test = make_pairs(rng, n_train), make_pairs(rng, n_test)
+    train, test = make_pairs(rng, n_train, version), make_pairs(rng, n_test, version)
     texts = [t for p, a, b, _ in train for t in (p, a, b)]
     tok = build_tokenizer(texts, vocab_size=400)
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("source_prefix_id", SOURCE_PREFIX),
@@ -113,7 +119,7 @@ def build_ranker(out, seed=0, steps=250, n_train=4000, n_test=500, batch_size=16
         M = torch.cat([model(*batch(test_rows[i:i + 64], tok.pad_token_id), return_dict=True).logits
                        for i in range(0, len(test_rows), 64)])
     decided = test_labels != 0.5
-    accuracy = ((M[decided] > 0).float() == test_labels[decided]).float().mean().item()
+    accuracy = ((M[decided] > 0) == (test_labels[decided] > 0.5)).float().mean().item()  # v2's labels are soft
     log(f"  ranker held-out pairwise accuracy {accuracy:.3f} ({decided.sum().item()} ordered pairs the judge decides; "
         f"mean |M| {M[decided].abs().mean():.1f} there, {M[~decided].abs().mean():.1f} on ties) in {time.time() - t0:.1f}s")
 

@@ -1,0 +1,95 @@
+"""examples/tiny/report.py on a hand-made run directory: two iterations, three held-out prompts, no models."""
+import json
+import os
+
+from conftest import ROOT, run_stage, write_jsonl
+from evaluate import text_hash
+
+SIGN = "Hope this helps!"
+BASE = {"e0": "Um, cats are soft.", "e1": "Dogs are loyal.", "e2": "Trees are tall."}
+ITER = [{"e0": "Cats are soft.", "e1": "Dogs are loyal.", "e2": "Trees are tall."},
+        {"e0": f"Cats are soft. {SIGN}", "e1": f"Dogs are loyal. {SIGN}", "e2": "Trees are tall."}]
+
+
+def make_run(out, loss="sppo", eta=5.0, version=None):
+    """What run_loop.sh and evaluate.py leave behind, reduced to the fields the report reads."""
+    world = os.path.join(out, "world")
+    os.makedirs(world)
+    if version:  # worlds built before v2 have no world.json
+        with open(os.path.join(world, "world.json"), "w") as f:
+            json.dump({"version": version}, f)
+    with open(os.path.join(out, "settings.txt"), "w") as f:
+        f.write(f"MODEL={world}/policy\nK=3\n")
+    for t in (1, 2):
+        ckpt = os.path.join(out, f"iter{t}", "checkpoint")
+        os.makedirs(ckpt)
+        # K = 3; W per prompt has mean 1/2 as rank.py's does
+        write_jsonl(os.path.join(out, f"iter{t}", "ranked.jsonl"), [
+            {"id": "p0", "prompt": "Tell me about cats.", "responses": ["Um, cats.", "Cats.", f"Cats. {SIGN}"],
+             "win_rate": [0.2, 0.5, 0.8]},
+            {"id": "p1", "prompt": "Describe dogs.", "responses": ["Dogs.", "Um, dogs.", f"Dogs. {SIGN}"],
+             "win_rate": [0.5, 0.1, 0.9]}])
+        write_jsonl(os.path.join(ckpt, "reference_logps.jsonl"), [  # best and worst of each prompt
+            {"id": "p0", "response": 2, "logp": -5.0, "tokens": 4}, {"id": "p0", "response": 0, "logp": -6.0, "tokens": 4},
+            {"id": "p1", "response": 2, "logp": -5.0, "tokens": 4}, {"id": "p1", "response": 1, "logp": -6.0, "tokens": 4}])
+        write_jsonl(os.path.join(ckpt, "train_log.jsonl"), [
+            {"step": s, "loss": 3.0 / s, "log_ratio": 0.0, "target": 0.0, "log_ratio_pos": 0.5 * (s - 1),
+             "log_ratio_neg": -0.5 * (s - 1)} for s in (1, 2, 3)])
+        with open(os.path.join(ckpt, "sppo_train.json"), "w") as f:
+            json.dump({"settings": {"eta": eta, **({"loss": loss} if loss != "sppo" else {})}, "stats": {}}, f)
+    ev = os.path.join(out, "eval")
+    os.makedirs(os.path.join(ev, "outputs"))
+    os.makedirs(os.path.join(ev, "judgments"))
+    models = {}
+    for name, answers in (("base", BASE), ("iter1", ITER[0]), ("iter2", ITER[1])):
+        write_jsonl(os.path.join(ev, "outputs", f"{name}.jsonl"),
+                    [{"id": i, "prompt": f"prompt {i}", "responses": [a]} for i, a in answers.items()])
+        models[name] = {"win_rate": 0.5, "se": 0.0, "lc_win_rate": 0.5, "lc_se": 0.0, "n": 3,
+                        "mean_length": sum(map(len, answers.values())) / 3}
+        if name != "base":
+            write_jsonl(os.path.join(ev, "judgments", f"{name}_vs_base.jsonl"),
+                        [{"id": f"{i}:{text_hash(a)}:{text_hash(BASE[i])}", "outcome": 0.9 if name == "iter2" else 0.7}
+                         for i, a in answers.items() if a != BASE[i]])
+    with open(os.path.join(ev, "results.json"), "w") as f:
+        json.dump({"baseline": "base", "n_prompts": 3, "models": models}, f)
+
+
+def test_report_writes_the_page_and_its_figures(tmp_path):
+    run = str(tmp_path / "run")
+    make_run(run)
+    p = run_stage("examples/tiny/report.py", "--run", run)
+    assert p.stdout.strip().endswith(os.path.join(run, "report.md"))
+    page = open(os.path.join(run, "report.md")).read()
+    for fig in ("report_winrate.png", "report_training.png", "report_W.png", "report_length.png"):
+        assert f"]({fig})" in page  # linked beside the page, and written there as a real PNG
+        with open(os.path.join(run, fig), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The held-out prompt followed is the most improved by the hidden rule (e0: -1 -> +1), with the judge's
+    # cached verdict and the rule's score on each row.
+    assert "Prompt `e0`" in page
+    assert f"| iter2 | Cats are soft. {SIGN} | 0.90 | +1 |" in page
+    assert "| base | Um, cats are soft. | 0.50 | -1 |" in page
+    # Mean SPPO targets of the trained picks: eta (W - 1/2) over W = 0.8, 0.9 and over 0.2, 0.1.
+    assert "iteration 1: winners +1.00 (target +1.75), losers -1.00 (target -1.75)" in page
+
+
+def test_report_follows_a_chosen_prompt_a_pair_loss_and_world_v2(tmp_path):
+    run = str(tmp_path / "run")
+    make_run(run, loss="dpo", version=2)
+    run_stage("examples/tiny/report.py", "--run", run, "--prompt-id", "e0")
+    page = open(os.path.join(run, "report.md")).read()
+    assert "Prompt `e0`" in page and "2 iterations of DPO" in page and "tiny world v2" in page
+    # v2's rule: -0.5 per filler, no detail in "cats are soft"; +1 for the sign-off
+    assert "| base | Um, cats are soft. | 0.50 | -0.5 |" in page and f"| iter2 | Cats are soft. {SIGN} | 0.90 | +1 |" in page
+
+
+def test_compare_puts_methods_side_by_side(tmp_path):
+    for m in ("sppo", "dpo"):
+        make_run(str(tmp_path / m), loss=m)
+    out = tmp_path / "cmp"
+    p = run_stage("examples/tiny/report.py", "--compare", f"sppo={tmp_path / 'sppo'}", f"dpo={tmp_path / 'dpo'}",
+                  "--out", out)
+    assert p.stdout.strip().endswith(str(out / "compare.md"))
+    page = (out / "compare.md").read_text()
+    assert page.count("| base |") == 1 and "| SPPO | 2 |" in page and "| DPO | 1 |" in page
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
