@@ -45,7 +45,8 @@ demo: setup
 compare: demo
 	@# Iteration 1 samples the base policy with the same seeds whatever the loss: reuse SPPO's samples and ranks.
 	for loss in dpo ipo; do \
-		mkdir -p $(TINY)-$$loss/iter1 && cp -n $(TINY)/iter1/generated.jsonl $(TINY)/iter1/ranked.jsonl $(TINY)-$$loss/iter1/; \
+		mkdir -p $(TINY)-$$loss/iter1 && for f in generated.jsonl ranked.jsonl; do \
+			test -e $(TINY)-$$loss/iter1/$$f || cp $(TINY)/iter1/$$f $(TINY)-$$loss/iter1/; done; \
 		PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY)-$$loss ITERS=$(ITERS) LOSS=$$loss \
 			bash run_loop.sh configs/tiny.env || exit 1; \
 		$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \
