@@ -2,7 +2,7 @@
 import json
 import os
 
-from conftest import ROOT, run_stage, write_jsonl
+from conftest import run_stage, write_jsonl
 from evaluate import text_hash
 
 SIGN = "Hope this helps!"

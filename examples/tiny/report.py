@@ -208,30 +208,18 @@ def md_text(s):
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def report(run, prompt_id=None):
-    import matplotlib
-    matplotlib.use("Agg")
-    ts = sorted(int(m.group(1)) for d in glob.glob(os.path.join(run, "iter*", "checkpoint"))
-                if (m := re.search(r"iter(\d+)", os.path.basename(os.path.dirname(d)))))
-    version = world_version(run)
+def section_winrate(run, its, ev, figs, version):
+    """The page's opening and section 1: the win-rate table, its figure and what to see in it."""
+    names, m, base, it0 = list(ev["models"]), ev["models"], ev["baseline"], its[0]
     rule, best = RULES[version]
-    its = [load_iteration(run, t, version) for t in ts]
-    ev = load_eval(run, version)
-    base = ev["baseline"]
-    names = list(ev["models"])  # evaluate.py's order: base, iter1, iter2, ...
-    m = ev["models"]
     first, last = names[0], names[-1]
-    figs = {"winrate": fig_winrate(run, ev, names, best), "training": fig_training(run, its), "W": fig_W(run, its),
-            "length": fig_length(run, its, ev, names)}
-    it0 = its[0]
-
     out = [f"# The tiny demo: {len(its)} iterations of {it0['loss'].upper()}", "",
            f"Run directory `{run}`: {it0['n_prompts']} training prompts x K = {it0['k']} sampled responses per "
            f"iteration, eta = {it0['eta']:g}. Everything below is read from the files the loop and evaluate.py "
            f"wrote; the *hidden rule* of tiny world v{version} (`world.judge_score`: {rule}) is the truth the "
            "tiny ranker was trained to imitate, and SPPO never sees it.", "",
            "## 1. Win rate against the base policy", "",
-           f"| model | win rate (%) | LC win rate (%) | mean length (chars) | hidden score (mean) |",
+           "| model | win rate (%) | LC win rate (%) | mean length (chars) | hidden score (mean) |",
            "|---|---|---|---|---|"]
     for n in names:
         r = m[n]
@@ -249,6 +237,12 @@ def report(run, prompt_id=None):
             "answers than the base, which a judge that likes length rewards.", "",
             "## 2. Training curves", "",
             f"![training curves]({figs['training']})", ""]
+    return out
+
+
+def section_training(run, its, ev, figs, version):
+    """Section 2: the training curves, read against the loss that made them."""
+    it0, out = its[0], []
     if it0["loss"] == "sppo":
         out += ["Top: the SPPO loss, the mean of (log pi(y|x) - log pi_t(y|x) - eta (W - 1/2))^2 over the "
                 "best and worst response of each prompt. Bottom: the mean log-ratio log pi(y|x) - log pi_t(y|x) "
@@ -267,6 +261,12 @@ def report(run, prompt_id=None):
         out += [f"Top: the {it0['loss'].upper()} loss over the best/worst pairs. Bottom: the mean log-ratio "
                 "log pi(y|x) - log pi_t(y|x) of the winners (blue) and losers (red). The pair losses only see "
                 "the difference of the two; nothing anchors either one.", ""]
+    return out
+
+
+def section_samples(run, its, ev, figs, version):
+    """Sections 3 and 4: the judge's view of the policy's own samples (W), and length."""
+    it0, out = its[0], []
     out += ["## 3. How the judge sees the policy's own samples", "",
             f"![distribution of W]({figs['W']})", "",
             "Each iteration samples K responses per training prompt from the current policy, and the judge "
@@ -300,6 +300,12 @@ def report(run, prompt_id=None):
             + "; ".join(f"iteration {it['t']}: mean length {it['length']:.0f}, hidden score {it['rule']:+.2f}"
                         for it in its) + ".", ""]
 
+    return out
+
+
+def section_prompt(run, its, ev, figs, version, prompt_id):
+    """Section 5: one held-out prompt's answers across iterations, with both scores."""
+    names, m, base, out = list(ev["models"]), ev["models"], ev["baseline"], []
     rid = prompt_id or pick_prompt(ev, names, version)
     prompt, base_answer = m[base]["answers"][rid][0], m[base]["answers"][rid][1]
     out += ["## 5. One held-out prompt across iterations", "", f"Prompt `{rid}`: **{md_text(prompt)}**", "",
@@ -312,6 +318,26 @@ def report(run, prompt_id=None):
             "averaged; 0.50 for the base itself or an identical answer), the last column the hidden rule. "
             "The prompt shown is the one whose answer gained most by the hidden rule; pass --prompt-id to "
             "see another.", ""]
+    return out
+
+
+def report(run, prompt_id=None):
+    """OUT/report.md and its figures, from the files the loop and evaluate.py wrote; returns the page's path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    ts = sorted(int(m.group(1)) for d in glob.glob(os.path.join(run, "iter*", "checkpoint"))
+                if (m := re.search(r"iter(\d+)", os.path.basename(os.path.dirname(d)))))
+    version = world_version(run)
+    best = RULES[version][1]
+    its = [load_iteration(run, t, version) for t in ts]
+    ev = load_eval(run, version)
+    names = list(ev["models"])  # evaluate.py's order: base, iter1, iter2, ...
+    figs = {"winrate": fig_winrate(run, ev, names, best), "training": fig_training(run, its), "W": fig_W(run, its),
+            "length": fig_length(run, its, ev, names)}
+
+    sections = (section_winrate, section_training, section_samples)
+    out = sum((f(run, its, ev, figs, version) for f in sections), []) + section_prompt(run, its, ev, figs, version,
+                                                                                       prompt_id)
     path = os.path.join(run, "report.md")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(out))
