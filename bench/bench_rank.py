@@ -23,9 +23,10 @@ import tempfile
 import numpy as np
 import torch
 
-from benchutil import interleaved, machine, median, table, write_json
+from benchutil import import_llm_blender, interleaved, machine, median, table, write_json
 
-import rank  # noqa: E402  (benchutil puts the repository on the path)
+import pairrm  # noqa: E402  (benchutil puts the repository on the path)
+import rank  # noqa: E402
 import world  # noqa: E402
 
 # DeBERTa-v2 backbones. pairrm: microsoft/deberta-v3-large, PairRM's backbone (hidden 1024, 24 layers, 435M
@@ -45,13 +46,13 @@ def synthetic_records(n, k, seed=0, max_answers=8):
 
 def random_ranker(out, size, texts, seed=0):
     """A randomly initialised PairRM (DebertaV2PairRM) of the given size, saved in examples/tiny/ranker.py's
-    layout so that rank.load_ranker(out) and llm-blender's Blender().loadranker(out) both load it."""
+    layout so that pairrm.load_ranker(out) and llm-blender's Blender().loadranker(out) both load it."""
     from ranker import build_tokenizer
     from transformers import DebertaV2Config
     tok = build_tokenizer(texts, vocab_size=400)
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
-        ("source_prefix_id", rank.SOURCE_PREFIX), ("cand1_prefix_id", rank.CAND1_PREFIX),
-        ("cand2_prefix_id", rank.CAND2_PREFIX), ("cand_prefix_id", rank.CAND_PREFIX))}
+        ("source_prefix_id", pairrm.SOURCE_PREFIX), ("cand1_prefix_id", pairrm.CAND1_PREFIX),
+        ("cand2_prefix_id", pairrm.CAND2_PREFIX), ("cand_prefix_id", pairrm.CAND_PREFIX))}
     shape = {"vocab_size": len(tok), **SIZES[size]}
     config = DebertaV2Config(  # deberta-v3-large's settings, but the sizes
         **shape, max_position_embeddings=512, type_vocab_size=0, relative_attention=True, max_relative_positions=-1,
@@ -60,7 +61,7 @@ def random_ranker(out, size, texts, seed=0):
         initializer_range=0.2,  # (0.02 trained from) so that the marker states depend on the text and M is not ~0
         n_tasks=1, drop_out=0.05, sep_token_id=tok.sep_token_id, **ids)
     torch.manual_seed(seed)
-    model = rank.pairrm_class()(config).eval()
+    model = pairrm.pairrm_class()(config).eval()
     with torch.no_grad():  # a head of unit gain, so that M is of order 1 (a trained PairRM's is) and errors show
         for layer in model.head_layer:
             if isinstance(layer, torch.nn.Linear):
@@ -115,24 +116,24 @@ def main():
     if args.ranker in SIZES:
         path = os.path.join(tmp.name, args.ranker)
         random_ranker(path, args.ranker, [t for p, c in records for t in [p, *c]])
-    model, tok = rank.load_ranker(path, args.device, "fp32")
-    model_bf16, _ = rank.load_ranker(path, args.device, "bf16")
+    model, tok = pairrm.load_ranker(path, args.device, "fp32")
+    model_bf16, _ = pairrm.load_ranker(path, args.device, "bf16")
     n_params = sum(p.numel() for p in model.parameters())
-    llm_blender = rank.import_llm_blender()
+    llm_blender = import_llm_blender()
     blender = llm_blender.Blender()
     with open(os.path.join(path, "config.json")) as f:
         backbone = json.load(f)["model_name"]
     if not os.path.isdir(backbone):  # the directory was moved after the build: its backbone is beside it
         backbone = os.path.join(os.path.abspath(path), "backbone")
     blender.loadranker(path, device=args.device, model_name=backbone)
-    row_tokens = [len(r) for r in rank.encode_pairs(tok, pairs)]
+    row_tokens = [len(r) for r in pairrm.encode_pairs(tok, pairs)]
     print(f"ranker {args.ranker}: {n_params / 1e6:.1f}M parameters; {len(records)} prompts x K={k}: {len(pairs)} "
           f"ordered pairs, {np.mean(row_tokens):.0f} tokens per pair row (min {min(row_tokens)}, max {max(row_tokens)}); "
           f"{args.device}, {torch.get_num_threads()} threads")
 
     def ours(m, bs, recs=records):
         ps = [(p, c[i], c[j]) for p, c in recs for i, j in cells]
-        flat = rank.pair_logits(m, tok, ps, bs, args.device)
+        flat = pairrm.pair_logits(m, tok, ps, bs, args.device)
         M = np.zeros((len(recs), k, k))
         M[:, [i for i, _ in cells], [j for _, j in cells]] = flat.reshape(len(recs), len(cells))
         return rank.bt_scores(M)

@@ -159,7 +159,7 @@ def check_losses(a, d, n=8):
     """TRL's sppo_hard loss and train_sppo.py's on the same n pairs, policy != reference: (ours, TRL's)."""
     import torch
     import train_sppo
-    from generate import load_tokenizer
+    from common import load_tokenizer
     from transformers import AutoModelForCausalLM
     tok = load_tokenizer(a["model"])
     ref = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32).eval()
@@ -168,8 +168,9 @@ def check_losses(a, d, n=8):
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     records = [dict(line=i + 1, **json.loads(s)) for i, s in enumerate(open(os.path.join(d, "ranked.jsonl")))][:n]
-    examples, _, _ = train_sppo.tokenize(tok, records, "best-worst", a["max_length"], a["max_length"] // 2,
-                                         {tok.eos_token_id}, "ranked.jsonl")
+    settings = argparse.Namespace(select="best-worst", max_length=a["max_length"], truncation="ours",
+                                  max_prompt_length=a["max_length"] // 2, data="ranked.jsonl")
+    examples, _, _ = train_sppo.tokenize(tok, records, settings)
     batch = train_sppo.collate(examples, list(range(n)), tok.pad_token_id, "cpu")
     with torch.no_grad():
         lp, lr_ = (train_sppo.sequence_logps(m, *batch, lambda: torch.autocast("cpu", enabled=False)).view(n, 2) for m in (policy, ref))
@@ -227,7 +228,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(model)
     pairs = make_pairs(tok, args.n_prompts, args.min_tokens, args.max_tokens)
     write_data(d, pairs)
-    from generate import encode_prompt
+    from common import encode_prompt
     lens = [(len(encode_prompt(tok, p)), len(tok(w)["input_ids"]) + 1, len(tok(l)["input_ids"]) + 1) for p, w, l in pairs]
     tokens = sum(2 * p + w + l for p, w, l in lens)  # both rows of every pair, prompt + response (+ end of turn)
     from transformers import AutoConfig
