@@ -38,6 +38,28 @@ def sample_seed(seed, seed_mode, rid, p):
     return seed + 50 * p if seed_mode == "release" else prompt_seed(seed, rid) + p
 
 
+def cpu_kv_cache_bytes(model, dtype, seqs, seq_len, floor=64 << 20, share=0.25):
+    """The KV cache a CPU job needs: bytes per token (2 (K and V) x layers x KV heads x head dim x dtype bytes)
+    x the sequences of one engine call (at most vLLM's 256 at a time) x seq_len rounded up to whole 256-token
+    blocks; at least floor and one sequence, at most share of the memory available now. Printed on stderr."""
+    import psutil
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model).get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    auto = str(getattr(c, "dtype", None) or "float32").replace("torch.", "")
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}.get(dtype) or {"bfloat16": 2, "float16": 2}.get(auto, 4)
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * size
+    tokens = -(-seq_len // 256) * 256
+    need = per_token * min(seqs, 256) * tokens
+    ceiling = int(psutil.virtual_memory().available * share)
+    chosen = min(max(need, floor, per_token * tokens), ceiling)
+    print(f"generate: vLLM KV cache {chosen / 2**30:.3f} GiB on the CPU ({per_token} bytes/token x {min(seqs, 256)} "
+          f"sequences x {tokens} tokens = {need / 2**30:.3f} GiB; at least {floor / 2**20:.0f} MiB, at most "
+          f"{share:.0%} of the {ceiling / share / 2**30:.1f} GiB available); --kv-cache-gb sets it", file=sys.stderr)
+    return chosen
+
+
 def context_length(model):
     from transformers import AutoConfig
     return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or 1 << 30
@@ -46,9 +68,12 @@ def context_length(model):
 # -----------------------------------------------------------------------------
 # engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(sampled ids, text, finish_reason)]
 
-def vllm_engine(args):
+def vllm_engine(args, seqs_per_call, longest_prompt):
+    """vLLM, started for a job of calls of up to seqs_per_call sequences whose prompts are at most
+    longest_prompt tokens. Any failure to start is one InputError naming the flags that size its memory."""
     import torch
-    if not torch.cuda.is_available():
+    cpu = not torch.cuda.is_available()
+    if cpu:
         # On a CPU the engine's extra process only adds start-up time (~20 s) and compilation takes a
         # minute: longer than a tiny model's whole run.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -59,9 +84,22 @@ def vllm_engine(args):
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
     if args.kv_cache_gb:
         kw["kv_cache_memory_bytes"] = int(args.kv_cache_gb * 2**30)
+    elif cpu and args.gpu_memory_utilization is None:
+        # vLLM's CPU default reserves --gpu-memory-utilization (0.9) of the machine's memory and refuses to
+        # start when other work holds some: size the cache for this job instead, and the context to match
+        # (vLLM demands room for one sequence of max_model_len, by default the model's whole context).
+        kw["max_model_len"] = args.max_model_len or min(context_length(args.model), longest_prompt + args.max_tokens)
+        kw["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(args.model, args.dtype, seqs_per_call, kw["max_model_len"])
     else:
-        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
-    llm = LLM(**{k: v for k, v in kw.items() if v is not None})
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization or 0.9  # vLLM's default
+    try:
+        llm = LLM(**{k: v for k, v in kw.items() if v is not None})
+    except Exception as e:  # out of memory, a context too long for the cache, ...: say which flag to change
+        reason = " ".join(str(e).split())[:400] or type(e).__name__  # pydantic's errors span lines
+        raise InputError(f"vLLM could not start the engine for {args.model}: {reason} -- set its memory with "
+                         "--kv-cache-gb G (the KV cache, in GiB), --gpu-memory-utilization F (the share of GPU "
+                         "memory, or of CPU memory without --kv-cache-gb) or --max-model-len N (the longest "
+                         "prompt + response)") from None
 
     def run(rows):
         params = [SamplingParams(n=1, seed=seed, temperature=args.temperature, top_p=args.top_p,
@@ -159,9 +197,12 @@ def parser():
     ap.add_argument("--write-every", type=int, default=1000, help="prompts per engine call; finished ones are saved")
     ap.add_argument("--hf-batch-size", type=int, default=64, help="HF engine: sequences per generate() call")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV-cache size (set it on a CPU)")
-    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM: the share of GPU memory it "
+                    "may take (default 0.9); on a CPU, the share of the machine's memory, used only when given")
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV-cache size in GiB (default: on a GPU "
+                    "what --gpu-memory-utilization leaves; on a CPU the job's need, 64 MiB to 25%% of available memory)")
+    ap.add_argument("--max-model-len", type=int, default=None, help="vLLM: the longest prompt + response (default: "
+                    "the model's context; on a CPU without --kv-cache-gb, the longest prompt + --max-tokens)")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs (faster start)")
     return ap
 
@@ -206,8 +247,8 @@ def main():
     t0, n_tokens = time.time(), 0
     if todo:
         if engine == "vllm":
-            run = vllm_engine(args)
             chunk = args.write_every
+            run = vllm_engine(args, args.k * min(chunk, len(todo)), max(len(ids) for _, ids in todo))
         else:
             run = hf_engine(args, tok)
             chunk = max(1, min(args.write_every, args.hf_batch_size // args.k))

@@ -33,8 +33,9 @@ log-ratio is 0 and the loss is mean (eta (W - 1/2))^2.
 
 Under torchrun each process computes the reference for its own micro-batches and they are shared; the
 global batch of step s is the same set of prompts for any number of processes, so 1 and N processes give
-the same losses (up to float summation order). Each process loads the full model on the CPU before it is
-sharded: 8 x 28 GB of host memory for a 7B model in fp32.
+the same losses (up to float summation order). Only rank 0 reads the checkpoint; the others build the model on
+the meta device and receive their shards from it (load_model), so the host holds one full copy of the
+weights, not one per process (8 x 28 GB for a 7B model in fp32).
 """
 import argparse
 import dataclasses
@@ -357,8 +358,7 @@ class Run:
     def peak_memory(self):
         """Bytes: the most any process held (CUDA memory allocated, or resident memory on a CPU)."""
         import torch
-        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss()
         return self.all_reduce(torch.tensor([float(peak)], dtype=torch.float64), "max").item()
 
     def finish(self):
@@ -371,6 +371,16 @@ class Run:
         """This process's share of a step: (example indices, real?). An empty micro-batch still runs on a
         placeholder with weight 0: FSDP's collectives need every process in every forward."""
         return [(mb or [0], len(mb) > 0) for mb in step[self.rank::self.world]]
+
+
+def peak_rss():
+    """Bytes: this process's peak resident memory. VmHWM where Linux has it: ru_maxrss starts from the RSS of
+    the parent at fork (Linux carries it across exec), so a process started by a large one reports at least that."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def start_processes(dtype_arg):
@@ -388,23 +398,76 @@ def start_processes(dtype_arg):
 
 def load_model(args, run):
     """pi_t in fp32 master weights on run.device; under torchrun sharded with FSDP2 (each decoder layer its
-    own group, gathered just before it runs, then the rest), bf16 compute where asked."""
+    own group, gathered just before it runs, then the rest), bf16 compute where asked.
+
+    Under torchrun only rank 0 reads the checkpoint; the other ranks build the model on the meta device (no
+    memory) and receive each group's weights from rank 0 just before it is sharded (from_rank0), so a
+    process never holds more than its shards, one group in full, and (rank 0) the rest of the loaded model:
+    the host holds one full copy of the weights, not one per process (8 x 28 GB for a 7B model in fp32)."""
     import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                 attn_implementation=args.attn_implementation)  # None: its default
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(dtype=torch.float32, attn_implementation=args.attn_implementation)  # None: transformers' default
+    if run.master:
+        model = AutoModelForCausalLM.from_pretrained(args.model, **kw)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), **kw)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if run.ddp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        bf16 = run.dtype == "bf16"
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for m in model.modules():
-            if type(m).__name__ in (model._no_split_modules or []):
-                fully_shard(m, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    return model.to(run.device)
+    if not run.ddp:
+        return model.to(run.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    check_same_shapes(model, run)
+    bf16 = run.dtype == "bf16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    groups = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])] + [model]
+    for m in groups:  # decoder layers first, then the root (embeddings, final norm, lm_head)
+        from_rank0(m, run)
+        fully_shard(m, mp_policy=mp)  # each process keeps its shard; the full tensors are freed
+    return model
+
+
+def check_same_shapes(model, run):
+    """Rank 0's loaded model and the others' meta models must list the same tensors in the same order, or
+    the broadcasts of from_rank0 would pair the wrong tensors (or hang): refuse clearly instead."""
+    import torch.distributed as dist
+    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+    theirs = [mine]
+    dist.broadcast_object_list(theirs, src=0)
+    if theirs[0] != mine:
+        raise RuntimeError(f"rank {run.rank}: the model built from {type(model).__name__}'s config does not have the "
+                           "parameters and buffers of the one rank 0 loaded from the checkpoint")
+
+
+def from_rank0(group, run):
+    """Rank 0's values of the parameters and buffers of `group` that no sharded subgroup owns, broadcast to
+    every rank, on run.device. On the other ranks they replace meta tensors: memory is given just here. Buffers
+    are sent too: those outside the state dict (the rotary embedding's inv_freq) are computed in __init__, and
+    on the meta device they were not. A tied weight (lm_head = embed_tokens, one Parameter under two names)
+    is sent once and stays one Parameter."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    done = {}  # id(old tensor) -> its replacement
+
+    def own(m):  # m and its submodules, leaving out those already sharded (their tensors are settled)
+        yield m
+        for child in m.children():
+            if not isinstance(child, FSDPModule):
+                yield from own(child)
+    with torch.no_grad():
+        for m in own(group):
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is None:
+                        continue
+                    if id(t) not in done:
+                        data = torch.empty_like(t, device=run.device) if t.is_meta else t.detach().to(run.device)
+                        dist.broadcast(data, src=0)
+                        is_param = isinstance(t, torch.nn.Parameter)
+                        done[id(t)] = torch.nn.Parameter(data, t.requires_grad) if is_param else data
+                    store[name] = done[id(t)]
 
 
 def make_optimizer(model, args, total_steps):

@@ -1,23 +1,25 @@
 """Training throughput and memory: train_sppo.py against TRL's DPOTrainer(loss_type="sppo_hard"), the nearest
 maintained trainer, with its reference model held (its default) and with precompute_ref_log_probs=True.
 
-    python bench/bench_train.py --out bench/results/train.json      # random ~26M Llama, 64 pairs, CPU
-    python bench/bench_train.py --model runs/tiny/world/policy --out ...
+    python bench/bench_train.py --out bench/results/train_cpu.json   # narrow random Llama, vocabularies 32k and 128k
+    python bench/bench_train.py --model medium --vocab-sizes 600 --out ...   # a wider model, toy vocabulary
 
 Same model, same best/worst pairs (hard targets: W = 1 for the winner, 0 for the loser), same global batch,
-micro-batch, optimizer (AdamW), learning rate schedule, gradient clipping and max length; responses of 20 to
-400 tokens. First, in this process, both losses are computed on the same 8 pairs with a policy that differs
-from its reference: TRL's sppo_hard sums the winner's and the loser's squared errors where train_sppo.py
-averages them, so TRL's loss must be exactly 2x ours. Then each trainer runs in its own fresh process,
---repeats times, round-robin; tokens/s = prompt + response tokens of the trained rows / (reference
-log-probs + training) seconds, and peak memory is the process's peak RSS (also given above its RSS after the
-imports, which differ: TRL imports more).
+micro-batch, optimizer (AdamW), learning rate schedule, gradient clipping, max length and gradient
+checkpointing (on for both: TRL's DPOConfig turns it on by default, and the released recipe trains with it).
+The default shape is the recipes' real vocabularies (Mistral's 32,000, Llama-3's 128,256) on a narrow model
+(2 layers, width 128), where the output layer dominates a step as it does for a 7B model at long responses,
+with responses of 20 to 800 tokens. For each vocabulary, first, in this process, both losses are computed on
+the same 8 pairs with a policy that differs from its reference: TRL's sppo_hard sums the winner's and the
+loser's squared errors where train_sppo.py averages them, so TRL's loss must be exactly 2x ours. Then each
+trainer runs in its own fresh process, --repeats times, round-robin; tokens/s = prompt + response tokens of
+the trained rows / (reference log-probs + training) seconds, and peak memory is the process's peak RSS (also
+given above its RSS after the imports, which differ: TRL imports more; the ratios use that).
 """
 import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,9 @@ from benchutil import ROOT, machine, median, table, write_json
 
 # A Llama-style policy: hidden, layers, heads (head_dim 64), MLP width
 SIZES = {"tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+         "narrow": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
          "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408),
+         "100m": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, intermediate_size=2816),
          "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, intermediate_size=8192)}
 # Llama-3.2-1B's layers (1.07B parameters; its 128k-token embedding adds 0.26B: --vocab-size 128256)
 
@@ -113,11 +117,17 @@ def trl_trainer(a, model, d, precompute, pairs=None, ref_model=None, **kw):
 def worker(kind, d):
     with open(os.path.join(d, "args.json")) as f:
         a = json.load(f)
+    if kind == "check":
+        ours, theirs = check_losses(a, d)
+        return print(json.dumps({"ours": ours, "trl": theirs}))
     import torch
-    import transformers  # noqa: F401  (both sides import these before the baseline RSS is read)
+    # Both sides import the same libraries (TRL, the model's code) before the baseline RSS is read, so "above
+    # imports" is the memory of the training itself.
+    import trl  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+    base = rss_mb()
     if kind == "ours":
         import runpy
-        base = rss_mb()
         out = os.path.join(d, "ours_ckpt")
         sys.argv = ["train_sppo.py", "--model", a["model"], "--data", os.path.join(d, "ranked.jsonl"), "--out", out,
                     "--eta", str(a["eta"]), "--lr", str(a["lr"]), "--batch-size", str(a["batch_size"]),
@@ -137,8 +147,6 @@ def worker(kind, d):
         init_s = ref_s
     else:
         from transformers import AutoModelForCausalLM
-        import trl  # noqa: F401
-        base = rss_mb()
         os.environ["HF_DATASETS_CACHE"] = os.path.join(d, f"cache_{kind}_{time.time()}")  # no precompute reuse
         model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
         t0 = time.perf_counter()
@@ -149,7 +157,7 @@ def worker(kind, d):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if a["cuda"] else None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")  # not ru_maxrss: Linux starts a child's at its parent's RSS (the bench's own, here)
     print(json.dumps({"seconds": seconds, "init_s": init_s, "peak_rss_mb": peak, "rss_after_imports_mb": base, "peak_gpu_gb": peak_gpu}))
 
 
@@ -182,13 +190,15 @@ def check_losses(a, d, n=8):
     return ours, theirs
 
 
-def main():
+def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="medium", help="a checkpoint directory, or a random model size: tiny, medium, 1b")
-    ap.add_argument("--vocab-size", type=int, default=None, help="random model: its vocabulary (default: 600)")
-    ap.add_argument("--n-prompts", type=int, default=64)
+    ap.add_argument("--model", default="narrow", help="a checkpoint directory, or a random model size: "
+                    + ", ".join(SIZES))
+    ap.add_argument("--vocab-sizes", default="32000,128256", help="random model: its vocabularies, one run each")
+    ap.add_argument("--n-prompts", type=int, default=16, help="pairs (TRL takes ~10 minutes for 16 at 128k on one "
+                    "CPU core)")
     ap.add_argument("--min-tokens", type=int, default=20)
-    ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--max-tokens", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts (pairs) per optimizer step")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="prompts (pairs) per forward")
     ap.add_argument("--eta", type=float, default=1000.0, help="1/beta (TRL's beta = 1/eta)")
@@ -202,24 +212,20 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the workers (0: torch's default); "
                     "on a shared machine more threads than free cores slow TRL down up to 7x (measured), so 1")
     ap.add_argument("--out", default="bench/results/train.json")
-    ap.add_argument("--workdir", default=None, help="keep the model and data here (default: a temporary directory)")
+    ap.add_argument("--workdir", default=None, help="keep the models and data here (default: a temporary directory)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        return worker(args.worker, args.dir)
+    return ap
+
+
+def bench_one(args, d, vocab_size, cuda):
+    """Every run of --runs on one model (a random one of this vocabulary, or --model's): the result rows."""
     import torch
-    from transformers import AutoTokenizer
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    tmp = None if args.workdir else tempfile.TemporaryDirectory()
-    d = args.workdir or tmp.name
-    os.makedirs(d, exist_ok=True)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     model = args.model
     if model in SIZES:
         model = os.path.join(d, "policy")
-        random_policy(model, args.model, args.vocab_size)
+        random_policy(model, args.model, vocab_size)
     a = {"model": model, "eta": args.eta, "lr": args.lr, "batch_size": args.batch_size,
          "micro_batch_size": args.micro_batch_size, "max_length": args.max_length, "cuda": cuda,
          "gradient_checkpointing": args.gradient_checkpointing}
@@ -231,42 +237,61 @@ def main():
     from common import encode_prompt
     lens = [(len(encode_prompt(tok, p)), len(tok(w)["input_ids"]) + 1, len(tok(l)["input_ids"]) + 1) for p, w, l in pairs]
     tokens = sum(2 * p + w + l for p, w, l in lens)  # both rows of every pair, prompt + response (+ end of turn)
-    from transformers import AutoConfig
-    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
-        AutoConfig.from_pretrained(model)).parameters())
-    print(f"model {args.model}: {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, responses "
-          f"{min(min(w, l) for _, w, l in lens)}-{max(max(w, l) for _, w, l in lens)} tokens, {tokens} tokens in all; "
-          f"batch {args.batch_size} pairs, micro-batch {args.micro_batch_size}; {'cuda' if cuda else 'cpu'}")
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    print(f"\nmodel {args.model}, vocabulary {config.vocab_size}: {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, "
+          f"responses {min(min(w, l) for _, w, l in lens)}-{max(max(w, l) for _, w, l in lens)} tokens, {tokens} "
+          f"tokens in all; batch {args.batch_size} pairs, micro-batch {args.micro_batch_size}; {'cuda' if cuda else 'cpu'}")
 
-    ours, theirs = check_losses(a, d)
+    ours, theirs = (x := worker_run("check", d, args))["ours"], x["trl"]  # its own process: this one stays small
     print(f"loss check (8 pairs, policy != reference, W = 1 / 0): ours {ours:.6g}, TRL sppo_hard {theirs:.6g}, "
           f"TRL / ours = {theirs / ours:.6f} (expected 2: TRL sums the two squared errors, we average them)")
     if abs(theirs / ours - 2) > 1e-4:
         raise SystemExit("the losses disagree: not timing")
+    results = run_workers(args, d)
+    rows = summarise(results, tokens, cuda)
+    return {"model": args.model, "vocab_size": config.vocab_size, "parameters": n_params, "pairs": len(pairs),
+            "tokens": tokens, "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours}, "rows": rows}
 
+
+def worker_run(kind, d, args):
+    """One worker in a fresh process: the JSON line it prints."""
     env = dict(os.environ, TQDM_DISABLE="1", SPPO_PROGRESS="0", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    runs = args.runs.split(",")
-    results = {r: [] for r in runs}
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", kind, "--dir", d],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"worker {kind} failed (exit {p.returncode}; -9: killed, out of memory?):\n"
+                         f"{p.stdout[-1000:]}\n{p.stderr[-3000:]}")
+    subprocess.run(["rm", "-rf", os.path.join(d, "ours_ckpt"), os.path.join(d, "trl_out")])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_workers(args, d):
+    """Each of --runs in its own fresh process, --repeats rounds, round-robin: {run: [worker results]}."""
+    results = {r: [] for r in args.runs.split(",")}
     for _ in range(args.repeats):
-        for r in runs:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", r, "--dir", d],
-                               capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                raise SystemExit(f"worker {r} failed:\n{p.stderr[-3000:]}")
-            results[r].append(json.loads(p.stdout.strip().splitlines()[-1]))
-            subprocess.run(["rm", "-rf", os.path.join(d, "ours_ckpt"), os.path.join(d, "trl_out")])
-    names = {"ours": "train_sppo.py", "trl": "TRL DPOTrainer sppo_hard (ref model)",
-             "trl-precompute": "TRL sppo_hard, precompute_ref_log_probs"}
+        for r in results:
+            results[r].append(worker_run(r, d, args))
+    return results
+
+
+NAMES = {"ours": "train_sppo.py", "trl": "TRL DPOTrainer sppo_hard (ref model)",
+         "trl-precompute": "TRL sppo_hard, precompute_ref_log_probs"}
+
+
+def summarise(results, tokens, cuda):
+    """Medians per run, and ours against each: speed-up (tokens/s) and memory ratio (GPU memory, or RSS above
+    the imports on a CPU)."""
     rows = []
-    for r in runs:
-        s = median([x["seconds"] for x in results[r]])
-        peak = median([x["peak_rss_mb"] for x in results[r]])
-        base = median([x["rss_after_imports_mb"] for x in results[r]])
-        gpu = results[r][0]["peak_gpu_gb"]
-        rows.append({"run": names[r], "seconds": s, "tokens_per_s": tokens / s, "peak_rss_mb": peak,
-                     "above_imports_mb": peak - base, "peak_gpu_gb": gpu, "all": results[r]})
+    for r, xs in results.items():
+        s = median([x["seconds"] for x in xs])
+        peak = median([x["peak_rss_mb"] for x in xs])
+        base = median([x["rss_after_imports_mb"] for x in xs])
+        rows.append({"run": NAMES[r], "seconds": s, "tokens_per_s": tokens / s, "peak_rss_mb": peak,
+                     "above_imports_mb": peak - base, "peak_gpu_gb": xs[0]["peak_gpu_gb"], "all": xs})
     mine = rows[0]
     for row in rows:
         row["ours_speedup"] = mine["tokens_per_s"] / row["tokens_per_s"]
@@ -277,12 +302,29 @@ def main():
     if cuda:
         cols.append(("peak_gpu_gb", "peak GPU GB", "{:.2f}"))
     table(rows, cols + [("ours_speedup", "ours x faster", "{:.2f}"), ("ours_memory_ratio", "ours / its memory", "{:.2f}")])
-    write_json(args.out, {"benchmark": "train", "command": "python bench/bench_train.py " + " ".join(
+    return rows
+
+
+def main():
+    args = parser().parse_args()
+    if args.worker:
+        return worker(args.worker, args.dir)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    vocabs = [int(v) for v in args.vocab_sizes.split(",")] if args.model in SIZES else [None]
+    results = []
+    for v in vocabs:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = os.path.join(args.workdir, str(v)) if args.workdir else tmp
+            os.makedirs(d, exist_ok=True)
+            results.append(bench_one(args, d, v, cuda))
+    command = "python bench/bench_train.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if v not in (None, False) and k not in ("worker", "dir", "gradient_checkpointing"))
-        + ("" if args.gradient_checkpointing else " --no-gradient-checkpointing"),
-        "machine": machine(), "model": args.model, "parameters": n_params, "pairs": len(pairs), "tokens": tokens,
-        "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours}, "rows": rows})
+    write_json(args.out, {"benchmark": "train", "machine": machine(), "results": results,
+                          "command": command + ("" if args.gradient_checkpointing else " --no-gradient-checkpointing")})
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 #
 # 1. ranking: rank.py vs llm-blender's Blender.rank (batch_size=1 as the released SPPO code, and its best),
 #    PairRM's real shape (DeBERTa-v3-large backbone, 24 layers, 435M parameters), 64 prompts x K=5.
-# 2. training: train_sppo.py vs TRL DPOTrainer sppo_hard (ref model held / precomputed), a Llama-3.2-1B-shaped
-#    policy (1.3B parameters with its 128k vocabulary), 64 pairs of 20-400 token responses.
+# 2. training: train_sppo.py vs TRL DPOTrainer sppo_hard (ref model held / precomputed), a narrow policy (2 layers,
+#    width 128) at the recipes' vocabularies 32,000 and 128,256, 64 pairs of 20-800 token responses.
 # 3. generation: generate.py's vLLM engine vs its HF engine, the same 1B policy, 64 prompts x K=5.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +37,9 @@ echo "device: $(cat "$OUT/device.txt")"
 part rank 170 "$PY" bench/bench_rank.py --ranker "$RANKER" --device "$DEV" --n-prompts "$N" --repeats 2 \
     --sweep 1,4,16 --our-sweep 16,32,64,128 --blender-fp16 --threads 0 --out "$OUT/rank.json"
 
-part train 170 "$PY" bench/bench_train.py --model "$POLICY" --vocab-size "$VOCAB" --n-prompts "$N" \
-    --batch-size 16 --micro-batch-size 4 --threads 0 --out "$OUT/train.json"
+part train 170 "$PY" bench/bench_train.py --model narrow --vocab-sizes "$([ -n "${SMALL:-}" ] && echo 600 || echo 32000,128256)" \
+    --n-prompts "$N" --max-tokens "$([ -n "${SMALL:-}" ] && echo 100 || echo 800)" --batch-size 16 --micro-batch-size 4 \
+    --threads 0 --out "$OUT/train.json"
 
 # generation needs the policy on disk and a prompt file: the same random 1B shape, the tiny world's vocabulary
 # (sampled ids must decode), and toy prompts

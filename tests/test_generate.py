@@ -9,10 +9,10 @@ from conftest import read_jsonl, require_vllm, run_stage, write_jsonl
 GEN = "generate.py"
 
 
-def gen(world, out, *extra, engine="hf", limit=12, k=3, check=True):
+def gen(world, out, *extra, engine="hf", limit=12, k=3, check=True, kv_cache_gb=0.1):
+    memory = ["--kv-cache-gb", kv_cache_gb] if kv_cache_gb else []
     return run_stage(GEN, "--model", world / "policy", "--prompts", world / "prompts.jsonl", "--out", out,
-                     "--engine", engine, "--limit", limit, "--k", k, "--max-tokens", 48, "--kv-cache-gb", 0.1,
-                     *extra, check=check)
+                     "--engine", engine, "--limit", limit, "--k", k, "--max-tokens", 48, *memory, *extra, check=check)
 
 
 def check_records(recs, n, k):
@@ -42,6 +42,37 @@ def test_engine_output_and_determinism(world, tmp_path, engine):
     assert not os.path.exists(str(a) + ".partial")
     gen(world, c := tmp_path / "c.jsonl", "--seed", 1, engine=engine)
     assert [r["responses"] for r in read_jsonl(c)] != [r["responses"] for r in recs], "another seed, other samples"
+
+
+def test_vllm_without_memory_flags_sizes_its_cache_from_the_job(world, tmp_path):
+    """On a CPU, no --kv-cache-gb: the cache is sized for K x prompts x (longest prompt + --max-tokens), not 90%
+    of the machine, and the samples are those of a run with an explicit size (the context given to vLLM does
+    not change what it samples)."""
+    require_vllm()
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the job-sized KV cache is the CPU default; a GPU run uses --gpu-memory-utilization")
+    p = gen(world, tmp_path / "auto.jsonl", engine="vllm", limit=4, k=2, kv_cache_gb=None)
+    line = next(x for x in p.stderr.splitlines() if x.startswith("generate: vLLM KV cache"))
+    assert "x 8 sequences" in line and "--kv-cache-gb" in line  # K=2 x 4 prompts
+    gen(world, tmp_path / "fixed.jsonl", engine="vllm", limit=4, k=2)
+    assert read_jsonl(tmp_path / "auto.jsonl") == read_jsonl(tmp_path / "fixed.jsonl")
+
+
+@pytest.mark.parametrize("flag", [("--kv-cache-gb", 0.000001),
+                                  pytest.param(("--max-model-len", 100000), marks=pytest.mark.slow)])
+def test_vllm_start_failure_is_one_line(world, tmp_path, flag):
+    """A cache too small for one sequence, a context longer than the model's: one error line naming the flags
+    to change, exit 2, no traceback, no output."""
+    require_vllm()
+    out = tmp_path / "o.jsonl"
+    p = gen(world, out, *flag, engine="vllm", limit=2, k=1, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: vLLM could not start")
+    assert all(f in last for f in ("--kv-cache-gb", "--gpu-memory-utilization", "--max-model-len"))
+    assert "Traceback" not in p.stderr
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
 
 
 def test_release_seed_mode(world, tmp_path):

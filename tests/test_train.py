@@ -41,14 +41,18 @@ def ranked_records(world, n=16, k=4, seed=0):
     return out
 
 
-def train(world, data, out, *extra, check=True, nproc=None):
+def train(world, data, out, *extra, check=True, nproc=None, spy_log=None):
+    """train_sppo.py in 1 process, or under torchrun in nproc; spy_log: a file where tests/spy_models.py
+    logs how each process built its model."""
     args = ["--model", world / "policy", "--data", data, "--out", out, *TINY, *extra]
     if nproc is None:
         return run_stage(TRAIN, *args, check=check, env=ONE_THREAD)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533",
-           os.path.join(ROOT, TRAIN), *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD))
+    spy = [os.path.join(ROOT, "tests", "spy_models.py")] if spy_log else []
+    # --standalone: a free port, so test runs side by side on one machine do not collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *spy, os.path.join(ROOT, TRAIN), *map(str, args)]
+    env = dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD, **({"SPY_LOG": str(spy_log)} if spy_log else {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -190,13 +194,16 @@ def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     """Best-worst (the default), once in 1 process and once in 2 (gloo, FSDP2): the same global batches, so
     the same losses and gradient norms, and the same weights written. 16 prompts in batches of 12 leave a
     short second batch whose empty micro-batches the processes must still run. A stale OUT.tmp from an
-    interrupted run is cleared."""
+    interrupted run is cleared. Only rank 0 reads the checkpoint: rank 1 builds its model on the meta device
+    and receives its shards, so the host holds one full copy of the weights."""
     one, two = tmp_path / "one", tmp_path / "two"
     os.makedirs(str(two) + ".tmp")
     open(str(two) + ".tmp/model.safetensors", "w").write("half-written")
     settings = ["--epochs", 2, "--batch-size", 12, "--micro-batch-size", 2]
     train(world, data, one, *settings)
-    train(world, data, two, *settings, nproc=2)
+    train(world, data, two, *settings, nproc=2, spy_log=tmp_path / "spy.jsonl")
+    assert sorted(map(json.dumps, read_jsonl(tmp_path / "spy.jsonl"))) == sorted(map(json.dumps, [
+        {"rank": 0, "call": "from_pretrained", "meta": False}, {"rank": 1, "call": "from_config", "meta": True}]))
     a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
     assert len(a) == len(b) == 4
     # step 1 runs on the starting weights, so the policy is the reference: every log-ratio is 0 and the loss
