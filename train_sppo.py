@@ -186,7 +186,7 @@ def tokenize(tok, records, args):
     """One example per prompt: {"id", "prompt_ids", "responses": [ids], "picked": [indices], "win_rate"}, and
     counts of what was cut or skipped. A prompt whose picked responses cannot all be encoded is skipped (and
     counted by reason); a token id outside the vocabulary is an error (data from another tokenizer)."""
-    eot = end_of_turn_id(tok)
+    eot, vocab = end_of_turn_id(tok), len(tok)  # len(tok) is a call into the tokenizer: once, not per token
     examples, skipped = [], {}
     counts = {"from_generate": 0, "encoded_from_text": 0, "cut_prompts": 0, "cut_responses": 0}
     for r in records:
@@ -199,10 +199,10 @@ def tokenize(tok, records, args):
         if any(len(a) == 0 for a in answers):
             skipped["a response has no tokens"] = skipped.get("a response has no tokens", 0) + 1
             continue
-        bad = next((t for t in prompt_ids + sum(answers, []) if t >= len(tok)), None)
+        bad = next((t for t in prompt_ids + sum(answers, []) if t >= vocab), None)
         if bad is not None:
             raise InputError(f"{args.data}:{r['line']}: field 'response_token_ids' or 'prompt_token_ids' has id {bad}, "
-                             f"outside --model's vocabulary of {len(tok)} (generated with another tokenizer?)")
+                             f"outside --model's vocabulary of {vocab} (generated with another tokenizer?)")
         if args.truncation == "release":
             cut_ids, cut_answers = truncate_release(prompt_ids, answers, args.max_length, args.max_prompt_length)
         else:

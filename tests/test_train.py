@@ -249,6 +249,20 @@ def test_bad_records_are_refused(world, tmp_path, change, message):
             raise
 
 
+def test_token_id_outside_the_vocabulary_is_refused(world, tmp_path):
+    """Sampled ids from another tokenizer: one line naming the file, line and field, exit 2, no output."""
+    recs = ranked_records(world, n=3)
+    for r in recs:
+        r["prompt_token_ids"], r["response_token_ids"] = [1, 5, 6], [[7, 2]] * len(r["responses"])
+    recs[1]["response_token_ids"][0] = [7, 10**6, 2]
+    write_jsonl(tmp_path / "ids.jsonl", recs)
+    out = tmp_path / "ckpt"
+    p = train(world, tmp_path / "ids.jsonl", out, "--select", "all", check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "ids.jsonl:2: field 'response_token_ids' or 'prompt_token_ids' has id 1000000" in err[-1]
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".tmp")
+
+
 def test_bad_data_cli(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     recs = ranked_records(world, n=3)
