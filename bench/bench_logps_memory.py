@@ -18,7 +18,6 @@ the median of the --steps timed steps.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ def child(method, vocab, steps):
     import random
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from train_sppo import collate, sequence_logps, sequence_logps_unchunked, sppo_loss
+    from train_sppo import collate, peak_rss, sequence_logps, sequence_logps_unchunked, sppo_loss
     torch.set_num_threads(1)
     fn = {"full": full_logps, "unchunked": sequence_logps_unchunked, "chunked": sequence_logps}[method]
     torch.manual_seed(0)
@@ -60,7 +59,7 @@ def child(method, vocab, steps):
                 for _ in range(8)]
     input_ids, mask, labels = collate(examples, list(range(8)), 0, "cpu")
     ref, win = torch.full((16,), -2000.0), torch.rand(16, generator=torch.Generator().manual_seed(0))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss0 = peak_rss() / 2**30  # VmHWM: ru_maxrss would start from the parent's RSS
     times = []
     for _ in range(1 + steps):
         t0 = time.perf_counter()
@@ -69,7 +68,7 @@ def child(method, vocab, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    peak = peak_rss() / 2**30
     print(json.dumps({"method": method, "vocab": vocab, "rows": len(labels), "tokens": int(mask.sum()),
                       "response_tokens": int((labels != -100).sum()), "peak_rss_gb": round(peak, 3),
                       "rss_before_step_gb": round(rss0, 3), "step_s": [round(t, 3) for t in times],
