@@ -25,11 +25,12 @@ test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 # The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
-# WORLD_VERSION=2: graded preference and a length-biased judge (examples/tiny/world.py), in runs/tiny2, judged
-# on answers sampled as in training: greedy decoding takes a quality up all at once, as soon as it is the likelier
-# choice, and the win rate then jumps to its ceiling in one iteration instead of growing with the policy.
-WORLD_VERSION ?= 1
-TINY ?= runs/tiny$(filter-out 1,$(WORLD_VERSION))
+# World v2 (examples/tiny/world.py): graded preference and a judge that mildly likes length. Held-out answers
+# are judged sampled (T 0.7, top-p 0.9: the released SPPO's AlpacaEval decoding), 4 draws per prompt: greedy
+# decoding takes a quality up all at once, as soon as it is the likelier choice, and the win rate then jumps to
+# its ceiling in one iteration instead of growing with the policy. WORLD_VERSION=1: the tests' world (runs/tiny1).
+WORLD_VERSION ?= 2
+TINY ?= runs/tiny$(filter-out 2,$(WORLD_VERSION))
 EVAL_ARGS ?= $(if $(filter 2,$(WORLD_VERSION)),--temperature 0.7 --top-p 0.9 --seed 0)
 ITERS ?= 3
 demo: setup
@@ -43,10 +44,12 @@ demo: setup
 # The paper's baselines on the same world: iterative DPO and IPO from the same base (LOSS=dpo|ipo), each
 # evaluated against the base as the demo is, then one table and one figure with SPPO's.
 compare: demo
-	@# Iteration 1 samples the base policy with the same seeds whatever the loss: reuse SPPO's samples and ranks.
+	@# Iteration 1 samples the base policy with the same seeds whatever the loss: reuse SPPO's samples and ranks,
+	@# and the base's held-out answers (evaluate.py reuses outputs whose NAME.args.json matches its command).
 	for loss in dpo ipo; do \
-		mkdir -p $(TINY)-$$loss/iter1 && for f in generated.jsonl ranked.jsonl; do \
+		mkdir -p $(TINY)-$$loss/iter1 $(TINY)-$$loss/eval/outputs && for f in generated.jsonl ranked.jsonl; do \
 			test -e $(TINY)-$$loss/iter1/$$f || cp $(TINY)/iter1/$$f $(TINY)-$$loss/iter1/; done; \
+		cp -n $(TINY)/eval/outputs/base.jsonl $(TINY)/eval/outputs/base.args.json $(TINY)-$$loss/eval/outputs/; \
 		PYTHON=$(VENV)/bin/python WORLD=$(TINY)/world OUT=$(TINY)-$$loss ITERS=$(ITERS) LOSS=$$loss \
 			bash run_loop.sh configs/tiny.env || exit 1; \
 		$(VENV)/bin/python evaluate.py --prompts $(TINY)/world/eval_prompts.jsonl --ranker $(TINY)/world/ranker \

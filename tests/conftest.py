@@ -46,11 +46,13 @@ def require_vllm():
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """The tiny world (policy, ranker, prompts). SPPO_TEST_WORLD=DIR reuses one built earlier with
-    `python examples/tiny/build.py --out DIR` (a developer's shortcut; CI always builds it afresh)."""
+    `python examples/tiny/build.py --out DIR --world-version 1` (a developer's shortcut; CI always builds it
+    afresh). World v1: its judge is decisive (a better answer wins outright), so what the tests assert about
+    the ranker's verdicts and the loop's gains is clear-cut."""
     prebuilt = os.environ.get("SPPO_TEST_WORLD")
     if prebuilt and os.environ.get("CI") != "true":
         from pathlib import Path
         return Path(prebuilt)
     out = tmp_path_factory.mktemp("tiny") / "world"
-    run_stage("examples/tiny/build.py", "--out", out)
+    run_stage("examples/tiny/build.py", "--out", out, "--world-version", "1")
     return out

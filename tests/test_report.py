@@ -60,6 +60,7 @@ def test_report_writes_the_page_and_its_figures(tmp_path):
     p = run_stage("examples/tiny/report.py", "--run", run)
     assert p.stdout.strip().endswith(os.path.join(run, "report.md"))
     page = open(os.path.join(run, "report.md")).read()
+    assert "answers the 3 held-out prompts once" in page
     for fig in ("report_winrate.png", "report_training.png", "report_W.png", "report_length.png"):
         assert f"]({fig})" in page  # linked beside the page, and written there as a real PNG
         with open(os.path.join(run, fig), "rb") as f:
@@ -86,6 +87,10 @@ def test_report_follows_a_chosen_prompt_a_pair_loss_and_world_v2(tmp_path):
 def test_compare_puts_methods_side_by_side(tmp_path):
     for m in ("sppo", "dpo"):
         make_run(str(tmp_path / m), loss=m)
+    results = tmp_path / "sppo" / "eval" / "results.json"
+    ev = json.loads(results.read_text())
+    ev["models"]["iter2"].update(lc_win_rate=0.8, lc_se=0.05)  # SPPO ahead at iteration 2 by 30 +- 5 points
+    results.write_text(json.dumps(ev))
     out = tmp_path / "cmp"
     p = run_stage("examples/tiny/report.py", "--compare", f"sppo={tmp_path / 'sppo'}", f"dpo={tmp_path / 'dpo'}",
                   "--out", out)
@@ -93,3 +98,7 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     page = (out / "compare.md").read_text()
     assert page.count("| base |") == 1 and "| SPPO | 2 |" in page and "| DPO | 1 |" in page
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # what the run shows, computed from the table: the leader in LC per iteration and whether it is noise
+    assert ("At iteration 1 SPPO leads in LC (50.0%) by 0.0 points over DPO (less than twice the standard error"
+            in page), page
+    assert "at iteration 2 SPPO leads in LC (80.0%) by 30.0 points over DPO (more than twice the standard error, 5.0)" in page

@@ -7,7 +7,8 @@ writes
                            tokenizer, chat template, pad token distinct from eos), briefly trained on the
                            toy answers of world.py so it writes short, varied, readable answers
     OUT/prompts.jsonl      training prompts {"id", "prompt"}
-    OUT/eval_prompts.jsonl held-out prompts (no prompt text shared with prompts.jsonl)
+    OUT/eval_prompts.jsonl held-out prompts (no prompt text shared with prompts.jsonl; in world v2 each text
+                           --eval-repeats times, under its own id, as the demo judges sampled answers)
     OUT/world.json         {"version": 1 or 2, "seed"}: which of world.py's rules the ranker learned
     OUT/ranker/            the tiny judge: a PairRM-shaped ranker (DeBERTa-v2 backbone, PairRM's special tokens
                            and head, sentencepiece tokenizer) trained on world.judge_score's preference;
@@ -93,9 +94,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-prompts", type=int, default=600)
     ap.add_argument("--policy-steps", type=int, default=300, help="0 leaves the policy random")
-    ap.add_argument("--world-version", type=int, choices=[1, 2], default=1, help="2: graded preference with "
-                    "partial credit and a judge that mildly likes length (world.py)")
+    ap.add_argument("--world-version", type=int, choices=[1, 2], default=2, help="2: graded preference with "
+                    "partial credit and a judge that mildly likes length; 1: two all-or-nothing qualities and a "
+                    "decisive judge (the tests' world: verdicts that are easy to check) (world.py)")
+    ap.add_argument("--eval-repeats", type=int, default=None, help="copies of each held-out prompt (default: 4 in "
+                    "v2, whose answers are judged sampled, so that one draw per prompt does not decide; 1 in v1)")
     args = ap.parse_args()
+    repeats = args.eval_repeats or (4 if args.world_version == 2 else 1)
     # One thread: matrices this small gain nothing from more, and on a busy machine each extra thread's
     # synchronisation costs more than the work (8x slower measured with 2 threads on 2 shared cores). It
     # also makes the build bit-for-bit the same on every machine.
@@ -112,7 +117,7 @@ def main():
     eval_texts = all_texts[: len(all_texts) // 4]
     train_texts = all_texts[len(all_texts) // 4:]
     write_prompts(f"{tmp}/prompts.jsonl", [rng.choice(train_texts) for _ in range(args.n_prompts)], "p")
-    write_prompts(f"{tmp}/eval_prompts.jsonl", eval_texts, "e")  # each held-out text once: eval is greedy
+    write_prompts(f"{tmp}/eval_prompts.jsonl", [x for x in eval_texts for _ in range(repeats)], "e")
 
     print(f"building tiny policy ({args.policy_steps} training steps)")
     build_policy(f"{tmp}/policy", args.seed, args.policy_steps, args.world_version)

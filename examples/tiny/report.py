@@ -159,12 +159,12 @@ def fig_training(run, its):
 
 def fig_W(run, its):
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(its), figsize=(3.6 * len(its) + 0.6, 3.0), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(its), figsize=(3.6 * len(its) + 0.6, 3.3), sharey=True, squeeze=False)
     bins = np.linspace(0, 1, 21)
     for a, it in zip(axes[0], its):
         a.hist(it["W"], bins=bins, color="tab:purple", weights=np.full(len(it["W"]), 100 / len(it["W"])))
         a.axvline(0.5, color="grey", lw=0.8, ls="--")
-        a.set(title=f"iteration {it['t']}: {100 * it['alike']:.0f}% of prompts all alike",
+        a.set(title=f"iteration {it['t']}: spread (sd) {it['W'].std():.2f}\n{100 * it['alike']:.0f}% of prompts all alike",
               xlabel="W (win rate among the K samples)")
     axes[0, 0].set_ylabel("% of sampled responses")
     return save(fig, run, "report_W.png")
@@ -204,6 +204,14 @@ def agreement(m, names):
             "judge is an imitation of the rule, with its own errors and, in world v2, a liking for length.")
 
 
+def held_out(ev):
+    """'the 60 held-out prompts once', or with world v2's repeated prompts 'the 240 held-out prompts (60
+    questions, each asked 4 times)'."""
+    n, texts = ev["n_prompts"], len({p for p, _ in next(iter(ev["models"].values()))["answers"].values()})
+    return (f"{n} held-out prompts once" if texts == n else
+            f"{n} held-out prompts ({texts} questions, each asked {n // texts} times)")
+
+
 def md_text(s):
     return s.replace("|", "\\|").replace("\n", " ")
 
@@ -226,7 +234,7 @@ def section_winrate(run, its, ev, figs, version):
         out.append(f"| {n} | {100 * r['win_rate']:.1f} ± {100 * r['se']:.1f} | {100 * r['lc_win_rate']:.1f} ± "
                    f"{100 * r['lc_se']:.1f} | {r['mean_length']:.0f} | {r['rule']:+.2f} |")
     out += ["", f"![win rate]({figs['winrate']})", "",
-            f"Each model answers the {ev['n_prompts']} held-out prompts once, {ev['decoding']}; the judge (the tiny ranker, "
+            f"Each model answers the {held_out(ev)}, {ev['decoding']}; the judge (the tiny ranker, "
             f"in both orders) compares each answer with {base}'s on the same prompt, and the win rate is the "
             f"share of prompts won (a tie counts half). {base} against itself is 50% by definition. What to see: "
             f"the win rate goes from 50% to {100 * m[last]['win_rate']:.0f}% by {last}, and the hidden score "
@@ -271,20 +279,20 @@ def section_samples(run, its, ev, figs, version):
             f"![distribution of W]({figs['W']})", "",
             "Each iteration samples K responses per training prompt from the current policy, and the judge "
             "scores every pair: W is a response's mean win probability against its K siblings (its own 1/2 "
-            "included), so W averages exactly 1/2 on every prompt and only its spread carries information. "
-            f"With K = {it0['k']} and a decisive judge (world v1), a prompt with one bad sample among good ones "
-            "gives the good ones W near "
-            f"{(0.5 * (it0['k'] - 1) + 1) / it0['k']:.1f} and the bad one W near {0.5 / it0['k']:.1f}; a prompt "
-            "whose samples are all alike to the judge gives every one W = 1/2 and SPPO nothing to learn (every "
-            "target eta (W - 1/2) is 0). What to see: how the mass moves from a broad spread (many good and bad "
-            "samples mixed) towards good majorities with rare bad outliers, and how the share of all-alike "
-            "prompts grows: " + ", ".join(f"{100 * it['alike']:.0f}%" for it in its) + " in iterations "
-            + ", ".join(str(it["t"]) for it in its) + ". "
-            + ("World v2's judge is soft (a small difference in quality wins only a little more often than "
-               "not), so there W stays well inside 0-1 and what to watch is its spread, which narrows when the "
-               "samples grow alike: standard deviation " + ", ".join(f"{it['W'].std():.3f}" for it in its)
-               + ". " if version == 2 else "")
-            + "All samples alike on every prompt is what the Nash "
+            "included), so W averages exactly 1/2 on every prompt and only its spread carries information. A "
+            "prompt whose samples are all alike to the judge gives every one W = 1/2 and SPPO nothing to learn "
+            "(every target eta (W - 1/2) is 0). "
+            + (f"With K = {it0['k']} and a decisive judge (world v1), a prompt with one bad sample among good ones "
+               f"gives the good ones W near {(0.5 * (it0['k'] - 1) + 1) / it0['k']:.1f} and the bad one W near "
+               f"{0.5 / it0['k']:.1f}. What to see: how the mass moves from a broad spread (many good and bad "
+               "samples mixed) towards good majorities with rare bad outliers, and how the share of all-alike "
+               "prompts (W spread under 0.1) grows: " if version == 1 else
+               "World v2's judge is soft (a small difference in quality wins only a little more often than not), "
+               "so W stays well inside 0-1. What to see: the spread of W, which narrows as the samples grow "
+               "alike (standard deviation " + ", ".join(f"{it['W'].std():.2f}" for it in its) + "), and the "
+               "share of all-alike prompts (W spread under 0.1): ")
+            + ", ".join(f"{100 * it['alike']:.0f}%" for it in its) + " in iterations "
+            + ", ".join(str(it["t"]) for it in its) + ". All samples alike on every prompt is what the Nash "
             "equilibrium looks like from inside: no response of the policy is preferred to another, so SPPO's "
             "updates stop. At temperature 0.7 a policy keeps sampling some bad answers long after its most likely "
             "answer is good.", "",
@@ -303,6 +311,16 @@ def section_samples(run, its, ev, figs, version):
     return out
 
 
+def off_topic(prompt, answers):
+    """A sentence when an answer talks about another topic than the prompt's: nothing rewards staying on topic."""
+    topic = world.topic_of(prompt)
+    if topic is None or all(topic in a.lower() for a in answers):
+        return ""
+    return (f" Some answers are not about {topic} at all: the hidden rule, and so the judge, never asks whether "
+            "an answer is on topic, so SPPO has no reason to fix that. A policy learns what its judge rewards, "
+            "not what its users meant, which is why the choice of preference model matters so much.")
+
+
 def section_prompt(run, its, ev, figs, version, prompt_id):
     """Section 5: one held-out prompt's answers across iterations, with both scores."""
     names, m, base, out = list(ev["models"]), ev["models"], ev["baseline"], []
@@ -317,7 +335,7 @@ def section_prompt(run, its, ev, figs, version, prompt_id):
     out += ["", "The judge's column is its soft verdict against the base answer on this prompt (both orders "
             "averaged; 0.50 for the base itself or an identical answer), the last column the hidden rule. "
             "The prompt shown is the one whose answer gained most by the hidden rule; pass --prompt-id to "
-            "see another.", ""]
+            "see another." + off_topic(prompt, [m[n]["answers"][rid][1] for n in names]), ""]
     return out
 
 
@@ -355,8 +373,9 @@ def compare(runs, out):
     import matplotlib.pyplot as plt
     evals = {method: load_eval(run, world_version(run)) for method, run in runs}
     os.makedirs(out, exist_ok=True)
+    best = RULES[world_version(runs[0][1])][1]
     panels = (("win_rate", "win rate vs base (%)", 100), ("lc_win_rate", "LC win rate vs base (%)", 100),
-              ("mean_length", "mean length (characters)", 1), ("rule", "hidden score (best: 1)", 1))
+              ("mean_length", "mean length (characters)", 1), ("rule", f"hidden score (best: {best})", 1))
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     for method, ev in evals.items():
         names = list(ev["models"])
@@ -383,14 +402,31 @@ def compare(runs, out):
                          f"{100 * r['se']:.1f} | {100 * r['lc_win_rate']:.1f} ± {100 * r['lc_se']:.1f} | "
                          f"{r['mean_length']:.0f} | {r['rule']:+.2f} |")
     lines += ["", "![compare](compare.png)", "",
-              "Read it against the paper (Wu et al., 2024: on AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's "
-              "LC win rate rises every iteration, 17.1 to 28.5%, and ends ahead of iterative DPO and IPO trained "
-              "on the same data). Here the judge is a small ranker that knows one rule and the "
-              "policy a toy: who wins is settled by how fast each loss moves the policy and where it stops, "
-              "not by anything AlpacaEval measures. See the README for what one run showed.", ""]
+              "What this run shows: " + leaders(evals) + " Read it against the paper (Wu et al., 2024: on "
+              "AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate rises every iteration, 17.1 to 28.5%, "
+              "and ends ahead of iterative DPO and IPO trained on the same data). Here the judge is a small "
+              "ranker that knows one rule and the policy a toy: who wins is settled by how fast each loss moves "
+              "the policy and where it stops, not by anything AlpacaEval measures, and one run's differences "
+              "of a few points are within its noise (compare them with the ± columns).", ""]
     with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return os.path.join(out, "compare.md")
+
+
+def leaders(evals):
+    """One sentence per iteration: which method has the highest LC win rate, by how much, and whether that
+    lead is more than twice its standard error (the two methods' errors combined)."""
+    out = []
+    for i in range(1, min(len(ev["models"]) for ev in evals.values())):
+        rows = sorted(((list(ev["models"].values())[i], m) for m, ev in evals.items()),
+                      key=lambda x: -x[0]["lc_win_rate"])
+        (a, ma), (b, mb) = rows[0], rows[1]
+        lead, se = 100 * (a["lc_win_rate"] - b["lc_win_rate"]), 100 * np.hypot(a["lc_se"], b["lc_se"])
+        out.append(f"at iteration {i} {ma.upper()} leads in LC ({100 * a['lc_win_rate']:.1f}%) by {lead:.1f} "
+                   f"points over {mb.upper()} ({'more' if lead > 2 * se else 'less'} than twice the standard "
+                   f"error, {se:.1f})")
+    s = "; ".join(out)
+    return s[:1].upper() + s[1:] + "."
 
 
 def main():
