@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from common import InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, progress, prompt_id, read_jsonl
-from pairrm import check_ranker_path, sigmoid  # numpy only: importing pairrm loads no model code
+from pairrm import DTYPES, check_ranker_path, sigmoid  # numpy only: importing pairrm loads no model code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -299,7 +299,7 @@ def parser():
     # judging
     ap.add_argument("--batch-size", type=int, default=None, help="PairRM rows per forward (default: 32 cuda, 8 cpu)")
     ap.add_argument("--device", default=None, help="PairRM device (default: cuda when available)")
-    ap.add_argument("--ranker-dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--ranker-dtype", choices=DTYPES, default=None, help="default: rank.py's (fp16 on cuda, fp32 on cpu)")
     ap.add_argument("--write-every", type=int, default=256, help="prompts per judging chunk; finished ones are saved")
     ap.add_argument("--verbose", action="store_true", help="show vLLM's INFO log while generating")
     return ap
@@ -354,10 +354,10 @@ def ranker_loader(args):
     def ranker():
         if not loaded:
             import torch
-            from pairrm import load_ranker
+            from pairrm import default_dtype, load_ranker
             args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 8)
-            dtype = args.ranker_dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+            dtype = args.ranker_dtype or default_dtype(args.device)
             loaded.append(load_ranker(args.ranker, device=args.device, dtype=dtype))
         return loaded[0]
     return ranker

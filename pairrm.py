@@ -16,6 +16,14 @@ from common import InputError, is_hub_id
 SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 SOURCE_MAX_LENGTH = 1224  # tokens of [CLS] <|source|> prompt [SEP]
 MAX_LENGTH = 2048  # the two candidates share what the source leaves of this, half each
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def default_dtype(device):
+    """fp16 on CUDA: llm-blender's loadranker halves PairRM there (the release's setting), and its logits stay
+    ~10x closer to fp32's than bf16's (bench/bench_pairrm_precision.py, BENCHMARKS.md); fp32 on a CPU, which
+    has no fast fp16 kernels."""
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 def sigmoid(x):

@@ -27,7 +27,8 @@ import numpy as np
 
 from common import (InputError, ResumableWriter, check_paths, field, load_tokenizer, main_guard, parse_shard, progress,
                     prompt_id, read_jsonl, take_shard)
-from pairrm import SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, load_ranker, pair_logits, sigmoid
+from pairrm import (DTYPES, SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, default_dtype, load_ranker,
+                    pair_logits, sigmoid)
 
 # -----------------------------------------------------------------------------
 # the math: numpy in, numpy out; M, P are [..., K, K]
@@ -119,8 +120,8 @@ def parser():
     ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise")
     ap.add_argument("--batch-size", type=int, default=None, help="pair rows per forward (default: 32 cuda, 8 cpu)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="default: bf16 on cuda, fp32 on cpu; fp16: the release's (llm-blender halves PairRM on cuda)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda (the release's; ~10x "
+                    "closer to fp32 than bf16, measured: BENCHMARKS.md), fp32 on cpu")
     ap.add_argument("--source-template", default=None, metavar="MODEL", help="give PairRM the prompt through MODEL's "
                     "chat template, cut before the answer, as the released rank.py does (default: the plain prompt, "
                     "which is what PairRM was trained on)")
@@ -161,7 +162,7 @@ def main():
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available")
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = args.dtype or default_dtype(device)
     batch_size = args.batch_size or (32 if device.startswith("cuda") else 8)
     todo = [(n, r) for n, r in records if r["id"] not in writer.done]
     cells = ordered_pairs(k)

@@ -44,21 +44,28 @@ def synthetic_records(n, k, seed=0, max_answers=8):
             for p in world.make_prompts(rng, n)]
 
 
-def random_ranker(out, size, texts, seed=0):
+def random_ranker(out, size, texts, seed=0, layers=None, initializer_range=0.2, branch_gain=1.0, head_gain=1.0):
     """A randomly initialised PairRM (DebertaV2PairRM) of the given size, saved in examples/tiny/ranker.py's
-    layout so that pairrm.load_ranker(out) and llm-blender's Blender().loadranker(out) both load it."""
+    layout so that pairrm.load_ranker(out) and llm-blender's Blender().loadranker(out) both load it.
+    A size with a vocab_size (pairrm: 128,005) gets a tokenizer of exactly that many tokens (the toy text's
+    pieces, then unused ones): Blender rebuilds the backbone with len(tokenizer) embedding rows before it
+    loads the weights. layers: this many layers instead of the size's (a CPU check's memory and time).
+    initializer_range: the weights' standard deviation (0.02, what DeBERTa is trained from, gives M ~ 0).
+    branch_gain: scales every layer's attention-output and MLP-output projection: with 24 random post-LN
+    layers at full gain every token ends in nearly the same state (M ~ 0 again); at 0.1 each layer adds to
+    the token's state instead of replacing it, as in a trained model. head_gain: scales M."""
     from ranker import build_tokenizer
     from transformers import DebertaV2Config
-    tok = build_tokenizer(texts, vocab_size=400)
+    tok = build_tokenizer(texts, vocab_size=400, total_size=SIZES[size].get("vocab_size"))
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("source_prefix_id", pairrm.SOURCE_PREFIX), ("cand1_prefix_id", pairrm.CAND1_PREFIX),
         ("cand2_prefix_id", pairrm.CAND2_PREFIX), ("cand_prefix_id", pairrm.CAND_PREFIX))}
-    shape = {"vocab_size": len(tok), **SIZES[size]}
+    shape = {**SIZES[size], "vocab_size": len(tok), **({"num_hidden_layers": layers} if layers else {})}
     config = DebertaV2Config(  # deberta-v3-large's settings, but the sizes
         **shape, max_position_embeddings=512, type_vocab_size=0, relative_attention=True, max_relative_positions=-1,
         position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
         position_biased_input=False, layer_norm_eps=1e-7, pad_token_id=tok.pad_token_id,
-        initializer_range=0.2,  # (0.02 trained from) so that the marker states depend on the text and M is not ~0
+        initializer_range=initializer_range,  # not 0.02: the marker states must depend on the text, M not ~0
         n_tasks=1, drop_out=0.05, sep_token_id=tok.sep_token_id, **ids)
     torch.manual_seed(seed)
     model = pairrm.pairrm_class()(config).eval()
@@ -66,6 +73,14 @@ def random_ranker(out, size, texts, seed=0):
         for layer in model.head_layer:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.normal_(0.0, layer.in_features ** -0.5)
+        model.head_layer[-1].weight.mul_(head_gain)
+        # <|candidate2|> gets <|candidate1|>'s embedding: M then comes from the texts and their order, not from
+        # two random marker vectors (which alone gave M ~ 9 for every pair at head_gain 10)
+        emb = model.pretrained_model.embeddings.word_embeddings.weight
+        emb[ids["cand2_prefix_id"]] = emb[ids["cand1_prefix_id"]]
+        for block in model.pretrained_model.encoder.layer:
+            block.attention.output.dense.weight.mul_(branch_gain)
+            block.output.dense.weight.mul_(branch_gain)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     model.pretrained_model.save_pretrained(os.path.join(out, "backbone"))
@@ -86,6 +101,8 @@ def main():
     ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--max-answers", type=int, default=8, help="synthetic responses: up to this many toy answers")
+    ap.add_argument("--layers", type=int, default=None, help="random ranker: this many layers instead of its "
+                    "size's (a CPU check at the real width and vocabulary with less memory and time)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None, help="rank.py's rows per forward (default: rank.py's)")
     ap.add_argument("--sweep", default="1,2,4,8,16", help="Blender batch sizes (prompts) to try")
@@ -115,7 +132,7 @@ def main():
     path = args.ranker
     if args.ranker in SIZES:
         path = os.path.join(tmp.name, args.ranker)
-        random_ranker(path, args.ranker, [t for p, c in records for t in [p, *c]])
+        random_ranker(path, args.ranker, [t for p, c in records for t in [p, *c]], layers=args.layers)
     model, tok = pairrm.load_ranker(path, args.device, "fp32")
     model_bf16, _ = pairrm.load_ranker(path, args.device, "bf16")
     n_params = sum(p.numel() for p in model.parameters())

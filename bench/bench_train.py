@@ -41,16 +41,39 @@ def rss_mb(field="VmRSS"):
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 
-def random_policy(out, size, vocab_size=None, seed=0):
+def pad_tokenizer(path, size):
+    """Give the saved byte-level BPE tokenizer in `path` exactly `size` tokens: unused ones ("<unused7>") after
+    its own, which no text encodes to (no merge makes them) but which decode, so that a model with a real
+    vocabulary (Llama-3's 128,256) can sample any id and generate.py / vLLM can turn it into text."""
+    from transformers import AutoTokenizer
+    file = os.path.join(path, "tokenizer.json")
+    with open(file) as f:
+        state = json.load(f)
+    vocab = state["model"]["vocab"]
+    n = len(AutoTokenizer.from_pretrained(path))
+    if n != len(vocab) or n > size:
+        raise ValueError(f"{path}: cannot pad a tokenizer of {n} tokens ({len(vocab)} in its BPE vocabulary) to {size}")
+    vocab.update({f"<unused{i}>": i for i in range(n, size)})
+    with open(file, "w") as f:
+        json.dump(state, f, ensure_ascii=False)
+
+
+def random_policy(out, size, vocab_size=None, seed=0, layers=None):
     """A randomly initialised Llama of the given size with the tiny world's kind of tokenizer and chat template
-    (600 tokens; vocab_size: a larger embedding and output layer, whose extra rows no text ever uses)."""
+    (600 tokens; vocab_size: a larger embedding and output layer, and as many tokens in the tokenizer, the
+    extra ones unused by any text; layers: this many instead of the size's)."""
     import torch
     import world
     from build import build_tokenizer
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
     pairs = world.corpus(seed, 2000)
     tok = build_tokenizer([p for p, _ in pairs] + [a for _, a in pairs], vocab_size=600)
-    config = LlamaConfig(vocab_size=max(len(tok), vocab_size or 0), **SIZES[size], head_dim=64, max_position_embeddings=2048,
+    if vocab_size and vocab_size > len(tok):
+        tok.save_pretrained(out)
+        pad_tokenizer(out, vocab_size)
+        tok = AutoTokenizer.from_pretrained(out)
+    shape = {**SIZES[size], **({"num_hidden_layers": layers} if layers else {})}
+    config = LlamaConfig(vocab_size=len(tok), **shape, head_dim=64, max_position_embeddings=2048,
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
     config.num_key_value_heads = config.num_attention_heads
@@ -118,8 +141,8 @@ def worker(kind, d):
     with open(os.path.join(d, "args.json")) as f:
         a = json.load(f)
     if kind == "check":
-        ours, theirs = check_losses(a, d)
-        return print(json.dumps({"ours": ours, "trl": theirs}))
+        ours, theirs, n = check_losses(a, d)
+        return print(json.dumps({"ours": ours, "trl": theirs, "pairs": n}))
     import torch
     # Both sides import the same libraries (TRL, the model's code) before the baseline RSS is read, so "above
     # imports" is the memory of the training itself.
@@ -164,7 +187,8 @@ def worker(kind, d):
 # -----------------------------------------------------------------------------
 
 def check_losses(a, d, n=8):
-    """TRL's sppo_hard loss and train_sppo.py's on the same n pairs, policy != reference: (ours, TRL's)."""
+    """TRL's sppo_hard loss and train_sppo.py's on the same n pairs (or all, if fewer), policy != reference:
+    (ours, TRL's, pairs)."""
     import torch
     import train_sppo
     from common import load_tokenizer
@@ -176,6 +200,7 @@ def check_losses(a, d, n=8):
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     records = [dict(line=i + 1, **json.loads(s)) for i, s in enumerate(open(os.path.join(d, "ranked.jsonl")))][:n]
+    n = len(records)  # fewer when the run has fewer pairs
     settings = argparse.Namespace(select="best-worst", max_length=a["max_length"], truncation="ours",
                                   max_prompt_length=a["max_length"] // 2, data="ranked.jsonl")
     examples, _, _ = train_sppo.tokenize(tok, records, settings)
@@ -187,7 +212,7 @@ def check_losses(a, d, n=8):
         trainer = trl_trainer(a_cpu, policy, d, False, pairs=n, ref_model=ref)
         trl_batch = next(iter(trainer.get_train_dataloader()))
         theirs = trainer.compute_loss(trainer.model, trl_batch).item()
-    return ours, theirs
+    return ours, theirs, n
 
 
 def parser():
@@ -244,15 +269,17 @@ def bench_one(args, d, vocab_size, cuda):
           f"responses {min(min(w, l) for _, w, l in lens)}-{max(max(w, l) for _, w, l in lens)} tokens, {tokens} "
           f"tokens in all; batch {args.batch_size} pairs, micro-batch {args.micro_batch_size}; {'cuda' if cuda else 'cpu'}")
 
-    ours, theirs = (x := worker_run("check", d, args))["ours"], x["trl"]  # its own process: this one stays small
-    print(f"loss check (8 pairs, policy != reference, W = 1 / 0): ours {ours:.6g}, TRL sppo_hard {theirs:.6g}, "
+    check = worker_run("check", d, args)  # its own process: this one stays small
+    ours, theirs = check["ours"], check["trl"]
+    print(f"loss check ({check['pairs']} pairs, policy != reference, W = 1 / 0): ours {ours:.6g}, "
+          f"TRL sppo_hard {theirs:.6g}, "
           f"TRL / ours = {theirs / ours:.6f} (expected 2: TRL sums the two squared errors, we average them)")
     if abs(theirs / ours - 2) > 1e-4:
         raise SystemExit("the losses disagree: not timing")
     results = run_workers(args, d)
     rows = summarise(results, tokens, cuda)
     return {"model": args.model, "vocab_size": config.vocab_size, "parameters": n_params, "pairs": len(pairs),
-            "tokens": tokens, "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours}, "rows": rows}
+            "tokens": tokens, "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours, "pairs": check["pairs"]}, "rows": rows}
 
 
 def worker_run(kind, d, args):

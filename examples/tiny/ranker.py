@@ -34,8 +34,12 @@ import world  # noqa: E402
 from pairrm import CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX, SOURCE_PREFIX, encode_pairs, pairrm_class  # noqa: E402
 
 
-def build_tokenizer(texts, vocab_size):
-    """A DeBERTa-v2 tokenizer over a sentencepiece unigram model trained on `texts`, with PairRM's tokens."""
+def build_tokenizer(texts, vocab_size, total_size=None):
+    """A DeBERTa-v2 tokenizer over a sentencepiece unigram model trained on `texts`, with PairRM's tokens.
+    total_size: pad the vocabulary with unused pieces ("[unused7]", never chosen for text) so that the
+    tokenizer has exactly this many tokens, as a real-sized model's embedding has rows (PairRM: 128,005 =
+    DeBERTa-v3's 128,000 pieces + [MASK] + the 4 PairRM tokens); llm-blender resizes the embedding it
+    builds to len(tokenizer) before loading the weights, so the two must agree."""
     import sentencepiece as spm
     from transformers import DebertaV2Tokenizer
     buf = io.BytesIO()
@@ -47,6 +51,11 @@ def build_tokenizer(texts, vocab_size):
         eos_piece="[SEP]", unk_piece="[UNK]", character_coverage=1.0, num_threads=1, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    if total_size is not None:
+        n_pieces = total_size - 5  # [MASK] and the 4 PairRM tokens follow the pieces
+        if n_pieces < len(vocab):
+            raise ValueError(f"total_size {total_size} is below the {len(vocab) + 5} tokens the text needs")
+        vocab += [(f"[unused{i}]", -1e4) for i in range(n_pieces - len(vocab))]
     tok = DebertaV2Tokenizer(vocab=vocab, unk_id=3)
     tok.add_tokens(["[MASK]"], special_tokens=True)
     # As llm-blender's collator adds them: plain added tokens, after the vocabulary.

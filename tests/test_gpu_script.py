@@ -1,0 +1,53 @@
+"""bench/gpu.sh's CPU mode: every part of the GPU benchmarks at the real shapes (vocabularies 128,005, 32,000
+and 128,256, real widths; 1 layer), a handful of items, on the CPU. What fails here would fail on the GPU too,
+before any timing. Slow (4 minutes on 2 shared cores at load average 1-3.5, longer under load): `make test-all`."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, require_vllm
+
+PARTS = ("rank", "train", "gen_setup", "generate")
+RESULTS = {"rank": "rank.json", "train": "train.json", "generate": "generate.json"}
+
+
+@pytest.mark.slow
+def test_gpu_script_cpu_check(tmp_path):
+    require_vllm()  # the generation part runs vLLM's CPU engine
+    out = tmp_path / "gpu_check"
+    env = dict(os.environ, CPU_CHECK="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("SMALL", None)
+    p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=3600)
+    logs = {part: (out / f"{part}.log").read_text()[-3000:] if (out / f"{part}.log").exists() else "(no log)"
+            for part in PARTS}
+    print(p.stdout)  # the parts' summaries and times (pytest -s shows them)
+    failed = re.findall(r"== (\w+) FAILED", p.stdout)
+    assert p.returncode == 0 and not failed, (
+        f"gpu.sh CPU check failed (exit {p.returncode}, failed parts {failed}):\n{p.stdout[-3000:]}\n{p.stderr[-2000:]}\n"
+        + "\n".join(f"--- {part}.log\n{logs[part]}" for part in failed))
+    for part in PARTS:  # every part ran and finished
+        assert re.search(rf"== {part} done in \d+s", p.stdout), f"part {part} did not finish:\n{p.stdout[-3000:]}"
+    results = {}
+    for part, name in RESULTS.items():
+        path = out / name
+        assert path.is_file(), f"{part}: no {name}\n{logs[part]}"
+        results[part] = json.loads(path.read_text())
+    # the real shapes were what ran
+    rank = results["rank"]
+    assert rank["ranker"] == "pairrm" and rank["parameters"] > 131e6  # the 128,005 x 1024 embedding
+    assert rank["agreement_max_abs"] < 1e-3 * max(1.0, rank["score_scale"])
+    train = {r["vocab_size"]: r for r in results["train"]["results"]}
+    assert set(train) == {32000, 128256}
+    for r in train.values():
+        assert abs(r["loss_check"]["ratio"] - 2) < 1e-4
+        assert {row["run"] for row in r["rows"]} == {"train_sppo.py", "TRL DPOTrainer sppo_hard (ref model)",
+                                                     "TRL sppo_hard, precompute_ref_log_probs"}
+    assert "vocabulary 128256, hidden 2048" in logs["gen_setup"]  # the policy that generated
+    assert {r["engine"] for r in results["generate"]["rows"]} == {"hf", "vllm"}
+    assert all(r["tokens"] > 0 for r in results["generate"]["rows"])
+    assert (out / "device.txt").is_file()
