@@ -91,6 +91,12 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     ev = json.loads(results.read_text())
     ev["models"]["iter2"].update(lc_win_rate=0.8, lc_se=0.05)  # SPPO ahead at iteration 2 by 30 +- 5 points
     results.write_text(json.dumps(ev))
+    results = tmp_path / "dpo" / "eval" / "results.json"
+    ev = json.loads(results.read_text())
+    ev["models"]["iter2"].update(win_rate=0.6)  # DPO's judge win rate up at iteration 2, its rule score down
+    results.write_text(json.dumps(ev))
+    write_jsonl(tmp_path / "dpo" / "eval" / "outputs" / "iter2.jsonl",  # hidden rule (v1): -1 each
+                [{"id": i, "prompt": f"prompt {i}", "responses": [f"Um, {a} {SIGN}!"]} for i, a in ITER[0].items()])
     out = tmp_path / "cmp"
     p = run_stage("examples/tiny/report.py", "--compare", f"sppo={tmp_path / 'sppo'}", f"dpo={tmp_path / 'dpo'}",
                   "--out", out)
@@ -99,6 +105,9 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     assert page.count("| base |") == 1 and "| SPPO | 2 |" in page and "| DPO | 1 |" in page
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # what the run shows, computed from the table: the leader in LC per iteration and whether it is noise
-    assert ("At iteration 1 SPPO leads in LC (50.0%) by 0.0 points over DPO (less than twice the standard error"
+    assert ("at iteration 1 SPPO leads in LC (50.0%) by 0.0 points over DPO (within twice the standard error"
             in page), page
-    assert "at iteration 2 SPPO leads in LC (80.0%) by 30.0 points over DPO (more than twice the standard error, 5.0)" in page
+    assert "at iteration 2 SPPO leads in LC (80.0%) by 30.0 points over DPO (beyond twice the standard error of the difference, 5.0)" in page
+    # the judge up, the hidden rule down ("Hope this helps!!" is no sign-off; a filler): said, with the numbers
+    assert "DPO's win rate rose from iter1 to iter2 (50.0 to 60.0%) while its hidden score fell (+0.00 to -1.00)" in page
+    assert "SPPO's win rate rose" not in page

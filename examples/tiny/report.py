@@ -402,7 +402,7 @@ def compare(runs, out):
                          f"{100 * r['se']:.1f} | {100 * r['lc_win_rate']:.1f} ± {100 * r['lc_se']:.1f} | "
                          f"{r['mean_length']:.0f} | {r['rule']:+.2f} |")
     lines += ["", "![compare](compare.png)", "",
-              "What this run shows: " + leaders(evals) + " Read it against the paper (Wu et al., 2024: on "
+              "What this run shows: " + leaders(evals) + " " + hacks(evals) + " Read it against the paper (Wu et al., 2024: on "
               "AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate rises every iteration, 17.1 to 28.5%, "
               "and ends ahead of iterative DPO and IPO trained on the same data). Here the judge is a small "
               "ranker that knows one rule and the policy a toy: who wins is settled by how fast each loss moves "
@@ -423,10 +423,28 @@ def leaders(evals):
         (a, ma), (b, mb) = rows[0], rows[1]
         lead, se = 100 * (a["lc_win_rate"] - b["lc_win_rate"]), 100 * np.hypot(a["lc_se"], b["lc_se"])
         out.append(f"at iteration {i} {ma.upper()} leads in LC ({100 * a['lc_win_rate']:.1f}%) by {lead:.1f} "
-                   f"points over {mb.upper()} ({'more' if lead > 2 * se else 'less'} than twice the standard "
-                   f"error, {se:.1f})")
-    s = "; ".join(out)
-    return s[:1].upper() + s[1:] + "."
+                   f"points over {mb.upper()} ({'beyond' if lead > 2 * se else 'within'} twice the standard error "
+                   f"of the difference, {se:.1f})")
+    return "; ".join(out) + "."
+
+
+def hacks(evals):
+    """Where a method's win rate rose from one iteration to the next while the hidden rule's score fell: the
+    judge and the truth part ways (the learned judge is only an imitation of the rule)."""
+    out = []
+    for method, ev in evals.items():
+        m = list(ev["models"].items())
+        for (a, ra), (b, rb) in zip(m, m[1:]):
+            if rb["win_rate"] > ra["win_rate"] and rb["rule"] < ra["rule"] - 0.1:
+                out.append(f"{method.upper()}'s win rate rose from {a} to {b} ({100 * ra['win_rate']:.1f} to "
+                           f"{100 * rb['win_rate']:.1f}%) while its hidden score fell ({ra['rule']:+.2f} to "
+                           f"{rb['rule']:+.2f})")
+    if not out:
+        return "No method's hidden score fell while its win rate rose."
+    return ("; ".join(out) + ": the policy moved to answers that the learned judge still rewards and the hidden "
+            "rule does not (read them in RUN/eval/outputs). With a pair loss, look at the winners' log-ratio in "
+            "that run's training figure: below zero, the probability taken from both answers of a pair went to "
+            "answers nobody trained on, and nothing but the judge's blind spots decides what they are.")
 
 
 def main():
