@@ -7,9 +7,11 @@ time and fillers 30% of the time, already writes both kinds, so self-play can fi
 and make them more likely: exactly what SPPO does with a real policy and PairRM. The preference is about
 content, not length, so the length-controlled win rate should move with the raw one.
 
-World v2 (build.py --world-version 2) grades answers instead: partial credit on four qualities (sign-off,
-opening, fillers, detail) and a judge that prefers by how much better an answer is, with a mild liking for
-length on top, as real judges have; judge_score(y, 2) stays the true quality, without the length term.
+That is world v1, the tests' (build.py --world-version 1): its decisive judge makes verdicts easy to check,
+and it saturates within two iterations. World v2, the demo's (build.py's default), grades answers instead:
+partial credit on four qualities (sign-off, opening, fillers, detail) and a judge that prefers by how much
+better an answer is, with a mild liking for length on top, as real judges have; judge_score(y, 2) stays the
+true quality, without the length term.
 """
 import math
 import random
