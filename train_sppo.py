@@ -430,13 +430,15 @@ def load_model(args, run):
 
 def check_same_shapes(model, run):
     """Rank 0's loaded model and the others' meta models must list the same tensors in the same order, or
-    the broadcasts of from_rank0 would pair the wrong tensors (or hang): refuse clearly instead."""
+    the broadcasts of from_rank0 would pair the wrong tensors (or hang): refuse clearly instead, on every
+    rank (rank 0 alone would see no difference and wait in its first broadcast)."""
+    import torch
     import torch.distributed as dist
     mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in [*model.named_parameters(), *model.named_buffers()]]
     theirs = [mine]
     dist.broadcast_object_list(theirs, src=0)
-    if theirs[0] != mine:
-        raise RuntimeError(f"rank {run.rank}: the model built from {type(model).__name__}'s config does not have the "
+    if run.all_reduce(torch.tensor([float(theirs[0] != mine)]), "max").item():
+        raise RuntimeError(f"rank {run.rank}: a model built from {type(model).__name__}'s config does not have the "
                            "parameters and buffers of the one rank 0 loaded from the checkpoint")
 
 

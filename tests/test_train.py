@@ -190,6 +190,31 @@ def test_vllm_loads_the_checkpoint(world, trained, tmp_path):
     assert len(read_jsonl(tmp_path / "g.jsonl")) == 4
 
 
+MISMATCH_WORKER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from train_sppo import Run, check_same_shapes
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = torch.nn.Linear(4, 3 if rank == 0 else 5)  # rank 1's model differs from rank 0's
+try:
+    check_same_shapes(model, Run(rank, 2, torch.device("cpu"), "fp32"))
+except RuntimeError as e:
+    print(f"rank {rank} refused: {e}", flush=True)
+"""
+
+
+def test_torchrun_shape_mismatch_is_refused_on_every_rank(tmp_path):
+    """When a rank's model differs from the one rank 0 loaded, every rank refuses, rank 0 included: a rank 0
+    that saw no difference would go on to its first broadcast and wait there for ever."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(MISMATCH_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), ROOT], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "rank 0 refused" in p.stdout and "rank 1 refused" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
 def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     """Best-worst (the default), once in 1 process and once in 2 (gloo, FSDP2): the same global batches, so
     the same losses and gradient norms, and the same weights written. 16 prompts in batches of 12 leave a
