@@ -159,9 +159,17 @@ def check_settings(old, new, where, hint):
     """The one rule for resuming: an output made with other settings is refused, naming the first that differs.
     Used by ResumableWriter (JSONL stages), train_sppo.py (a finished checkpoint) and run_loop.sh (its OUT)."""
     for name in {**new, **old}:  # both ways: a setting only the old output has differs too
-        if old.get(name) != new.get(name):
+        if not same_setting(old.get(name), new.get(name)):
             raise InputError(f"{where}: was made with {name}={old.get(name)!r}, this run has {name}={new.get(name)!r}; "
                              f"{hint}")
+
+
+def same_setting(a, b):
+    """Equal, or two spellings of one existing file or directory (relative and absolute, or via a link)."""
+    if a == b:
+        return True
+    paths = isinstance(a, str) and isinstance(b, str) and a and b
+    return bool(paths and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 _fault_hits = {}

@@ -48,3 +48,22 @@ def test_tiny_config_sets_only_what_differs():
     # a value with braces: '{iter}' inside ${VAR:-...} must not end the expansion early (it left a stray '}')
     assert release["PROMPTS"] == "UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iter}"
     assert config("mistral7b", PROMPTS="my.jsonl")["PROMPTS"] == "my.jsonl"
+
+
+def test_run_settings_accept_another_spelling_of_the_same_path(tmp_path, monkeypatch):
+    """run_loop.sh's OUT guard: the same model directory given relative or absolute is the same setting; another
+    directory, or the same name resolved from elsewhere, is not."""
+    import common
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "other").mkdir()
+    settings = str(tmp_path / "out" / "settings.txt")
+    os.makedirs(os.path.dirname(settings))
+    monkeypatch.chdir(tmp_path)
+    common.check_run_settings(settings, [f"MODEL={tmp_path / 'policy'}", "K=5"])
+    common.check_run_settings(settings, ["MODEL=policy", "K=5"])  # relative: accepted
+    common.check_run_settings(settings, ["MODEL=./policy/", "K=5"])
+    with pytest.raises(common.InputError, match="was made with MODEL="):
+        common.check_run_settings(settings, ["MODEL=other", "K=5"])
+    monkeypatch.chdir(tmp_path / "out")
+    with pytest.raises(common.InputError, match="was made with MODEL="):
+        common.check_run_settings(settings, ["MODEL=policy", "K=5"])  # no such directory from here
