@@ -406,8 +406,7 @@ def compare(runs, out):
               "AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate rises every iteration, 17.1 to 28.5%, "
               "and ends ahead of iterative DPO and IPO trained on the same data). Here the judge is a small "
               "ranker that knows one rule and the policy a toy: who wins is settled by how fast each loss moves "
-              "the policy and where it stops, not by anything AlpacaEval measures, and one run's differences "
-              "of a few points are within its noise (compare them with the ± columns).", ""]
+              "the policy and where it stops, not by anything AlpacaEval measures.", ""]
     with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return os.path.join(out, "compare.md")
