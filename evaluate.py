@@ -354,9 +354,9 @@ def ranker_loader(args):
     def ranker():
         if not loaded:
             import torch
-            from pairrm import default_dtype, load_ranker
+            from pairrm import default_batch_size, default_dtype, load_ranker
             args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 8)
+            args.batch_size = args.batch_size or default_batch_size(args.device)
             dtype = args.ranker_dtype or default_dtype(args.device)
             loaded.append(load_ranker(args.ranker, device=args.device, dtype=dtype))
         return loaded[0]

@@ -68,9 +68,10 @@ def context_length(model):
 # -----------------------------------------------------------------------------
 # engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(sampled ids, text, finish_reason)]
 
-def vllm_engine(args, seqs_per_call, longest_prompt):
+def vllm_engine(args, seqs_per_call, longest_prompt, context):
     """vLLM, started for a job of calls of up to seqs_per_call sequences whose prompts are at most
-    longest_prompt tokens. Any failure to start is one InputError naming the flags that size its memory."""
+    longest_prompt tokens, for a model of `context` tokens. Any failure to start is one InputError naming the
+    flags that size its memory."""
     import torch
     cpu = not torch.cuda.is_available()
     if cpu:
@@ -88,7 +89,7 @@ def vllm_engine(args, seqs_per_call, longest_prompt):
         # vLLM's CPU default reserves --gpu-memory-utilization (0.9) of the machine's memory and refuses to
         # start when other work holds some: size the cache for this job instead, and the context to match
         # (vLLM demands room for one sequence of max_model_len, by default the model's whole context).
-        kw["max_model_len"] = args.max_model_len or min(context_length(args.model), longest_prompt + args.max_tokens)
+        kw["max_model_len"] = args.max_model_len or min(context, longest_prompt + args.max_tokens)
         kw["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(args.model, args.dtype, seqs_per_call, kw["max_model_len"])
     else:
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization or 0.9  # vLLM's default
@@ -248,7 +249,7 @@ def main():
     if todo:
         if engine == "vllm":
             chunk = args.write_every
-            run = vllm_engine(args, args.k * min(chunk, len(todo)), max(len(ids) for _, ids in todo))
+            run = vllm_engine(args, args.k * min(chunk, len(todo)), max(len(ids) for _, ids in todo), ctx)
         else:
             run = hf_engine(args, tok)
             chunk = max(1, min(args.write_every, args.hf_batch_size // args.k))

@@ -26,6 +26,11 @@ def default_dtype(device):
     return "fp16" if device.startswith("cuda") else "fp32"
 
 
+def default_batch_size(device):
+    """Pair rows per forward: 32 on CUDA, 8 on a CPU (rank.py and evaluate.py)."""
+    return 32 if device.startswith("cuda") else 8
+
+
 def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))  # no overflow for large |x|
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from common import (InputError, ResumableWriter, check_paths, field, load_tokenizer, main_guard, parse_shard, progress,
                     prompt_id, read_jsonl, take_shard)
-from pairrm import (DTYPES, SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, default_dtype, load_ranker,
-                    pair_logits, sigmoid)
+from pairrm import (DTYPES, SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, default_batch_size,
+                    default_dtype, load_ranker, pair_logits, sigmoid)
 
 # -----------------------------------------------------------------------------
 # the math: numpy in, numpy out; M, P are [..., K, K]
@@ -163,7 +163,7 @@ def main():
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available")
     dtype = args.dtype or default_dtype(device)
-    batch_size = args.batch_size or (32 if device.startswith("cuda") else 8)
+    batch_size = args.batch_size or default_batch_size(device)
     todo = [(n, r) for n, r in records if r["id"] not in writer.done]
     cells = ordered_pairs(k)
     print(f"rank: {len(records)} prompts in shard {args.shard}, {len(records) - len(todo)} already done, "
