@@ -20,11 +20,17 @@ with seed + 50*p for every prompt (in vLLM, prompts with equal seeds then draw c
 import argparse
 import hashlib
 import os
+import re
 import sys
 import time
 
 from common import (InputError, ResumableWriter, check_paths, encode_prompt, load_prompts, load_tokenizer, main_guard,
                     parse_shard, progress, take_shard)
+
+# Before anything imports torch: its CUDA check then asks NVML instead of initialising CUDA. A CUDA initialised in
+# this process before vLLM starts its engine process makes that process (forked) die with "CUDA error:
+# initialization error"; vLLM sets the same when it is imported, which can be too late (vllm_engine).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 def prompt_seed(seed, rid):
@@ -65,21 +71,31 @@ def context_length(model):
     return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or 1 << 30
 
 
+def is_memory_error(reason):
+    """Whether vLLM's start-up error is about memory (the KV cache, the context it must hold, running out), which
+    the memory flags fix; anything else (a CUDA initialisation error, an unsupported model) they would not."""
+    return bool(re.search(r"memory|kv[ _-]?cache|max_model_len|max-model-len|out of memory|\boom\b|num_gpu_blocks|"
+                          r"cache blocks", reason, re.IGNORECASE))
+
+
 # -----------------------------------------------------------------------------
 # engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(sampled ids, text, finish_reason)]
 
 def vllm_engine(args, seqs_per_call, longest_prompt, context):
     """vLLM, started for a job of calls of up to seqs_per_call sequences whose prompts are at most
-    longest_prompt tokens, for a model of `context` tokens. Any failure to start is one InputError naming the
-    flags that size its memory."""
-    import torch
-    cpu = not torch.cuda.is_available()
+    longest_prompt tokens, for a model of `context` tokens. Any failure to start is one InputError, naming the
+    flags that size its memory when it is about memory."""
+    # vLLM decides fork or spawn for its engine process by torch.cuda.is_initialized(), which a CUDA check without
+    # NVML leaves False while initialising the driver: the forked engine then dies ("CUDA error: initialization
+    # error"). So no torch.cuda call here: vLLM is imported first, and its platform says whether this is a CPU.
+    from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
+    cpu = current_platform.is_cpu()
     if cpu:
         # On a CPU the engine's extra process only adds start-up time (~20 s) and compilation takes a
         # minute: longer than a tiny model's whole run.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         args.enforce_eager = True
-    from vllm import LLM, SamplingParams
     dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
     kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
@@ -95,12 +111,12 @@ def vllm_engine(args, seqs_per_call, longest_prompt, context):
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization or 0.9  # vLLM's default
     try:
         llm = LLM(**{k: v for k, v in kw.items() if v is not None})
-    except Exception as e:  # out of memory, a context too long for the cache, ...: say which flag to change
+    except Exception as e:  # one line, and the flags to change only when it is about memory
         reason = " ".join(str(e).split())[:400] or type(e).__name__  # pydantic's errors span lines
-        raise InputError(f"vLLM could not start the engine for {args.model}: {reason} -- set its memory with "
-                         "--kv-cache-gb G (the KV cache, in GiB), --gpu-memory-utilization F (the share of GPU "
-                         "memory, or of CPU memory without --kv-cache-gb) or --max-model-len N (the longest "
-                         "prompt + response)") from None
+        hint = (" -- set its memory with --kv-cache-gb G (the KV cache, in GiB), --gpu-memory-utilization F (the "
+                "share of GPU memory, or of CPU memory without --kv-cache-gb) or --max-model-len N (the longest "
+                "prompt + response)") if is_memory_error(reason) else " (vLLM's log above has the details)"
+        raise InputError(f"vLLM could not start the engine for {args.model}: {type(e).__name__}: {reason}{hint}") from None
 
     def run(rows):
         params = [SamplingParams(n=1, seed=seed, temperature=args.temperature, top_p=args.top_p,

@@ -16,6 +16,15 @@ source "$CONFIG"   # a config sets VAR=${VAR:-default}, so the environment wins
 PYTHON=${PYTHON:-python}
 GPUS=${GPUS:-0}                     # 0: everything on the CPU, one process
 NPROC=$(( GPUS > 0 ? GPUS : 1 ))    # processes per stage: one per GPU
+# The GPUs: the first GPUS of the user's CUDA_VISIBLE_DEVICES (physical ids or UUIDs), else 0..GPUS-1.
+# Shard s runs on DEVICES[s]; training on all of them.
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then IFS=, read -ra DEVICES <<< "$CUDA_VISIBLE_DEVICES"  # "" hides all
+else DEVICES=(); for ((s = 0; s < GPUS; s++)); do DEVICES+=("$s"); done; fi
+if (( GPUS > ${#DEVICES[@]} )); then
+    echo "run_loop: GPUS=$GPUS but CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' names ${#DEVICES[@]} devices" >&2; exit 2
+fi
+DEVICES=("${DEVICES[@]:0:GPUS}")
+TRAIN_DEVICES=$(IFS=,; echo "${DEVICES[*]}")
 
 # --- settings guard: a run directory holds one experiment; changing a setting needs a new OUT
 SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEED_MODE PROB_MODE ETA LR EPOCHS
@@ -35,17 +44,22 @@ STAGES_RUN=0
 die() { echo "run_loop: stage '$1' failed (iteration $t); see $2" >&2; tail -n 3 "$2" | sed 's/^/    /' >&2; exit 1; }
 
 # sharded STAGE OUT CMD...: run `CMD --shard s/NPROC --out OUT.s` once per GPU side by side, then
-# concatenate the shard outputs into OUT. Each shard resumes by itself after a crash.
+# concatenate the shard outputs into OUT. Each shard resumes by itself after a crash. With GPUs, shard s sees
+# only DEVICES[s], and has its own vLLM cache directory unless the user set VLLM_CACHE_ROOT: every vLLM
+# process calls itself rank 0, and eight of them compiling into one torch.compile cache collide.
 sharded() {
     local stage=$1 out=$2 s; shift 2
     if [ -f "$out" ]; then echo "[iter $t] $stage: done earlier ($out)"; return; fi
     local start=$SECONDS pids=()
     for ((s = 0; s < NPROC; s++)); do
-        if (( GPUS > 0 )); then export CUDA_VISIBLE_DEVICES=$s; fi
-        "$@" --shard "$s/$NPROC" --out "$out.$s" > "$LOGS/$stage.$s.log" 2>&1 &
+        local env=()
+        if (( GPUS > 0 )); then
+            env=(CUDA_VISIBLE_DEVICES="${DEVICES[s]}"
+                 VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/device-${DEVICES[s]}}")
+        fi
+        env "${env[@]}" "$@" --shard "$s/$NPROC" --out "$out.$s" > "$LOGS/$stage.$s.log" 2>&1 &
         pids+=($!)
     done
-    unset CUDA_VISIBLE_DEVICES
     for ((s = 0; s < NPROC; s++)); do wait "${pids[s]}" || die "$stage" "$LOGS/$stage.$s.log"; done
     for ((s = 0; s < NPROC; s++)); do cat "$out.$s"; done > "$out.tmp"
     mv "$out.tmp" "$out"
@@ -80,6 +94,7 @@ for ((t = 1; t <= ITERS; t++)); do
         start=$SECONDS
         launcher=("$PYTHON")
         if (( GPUS > 1 )); then launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); fi
+        if (( GPUS > 0 )); then launcher=(env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" "${launcher[@]}"); fi
         "${launcher[@]}" train_sppo.py --model "$model" --data "$dir/ranked.jsonl" --out "$ckpt" \
             --eta "$ETA" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH" --micro-batch-size "$MICRO_BATCH" \
             --optimizer "$OPTIMIZER" --warmup-ratio "$WARMUP" --max-length "$MAX_LENGTH" \

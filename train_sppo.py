@@ -383,8 +383,14 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def start_processes(dtype_arg):
-    """One process, or torchrun's N: the process group (NCCL on GPUs, gloo on CPUs), device and dtype."""
+def start_processes(dtype_arg, timeout_minutes):
+    """One process, or torchrun's N: the process group (NCCL on GPUs, gloo on CPUs), device and dtype.
+
+    The group's timeout bounds how long a process waits in a collective for the others. Rank 0 alone reads the
+    checkpoint while the others wait in a broadcast, and alone converts, writes and syncs it (14-18 GB for a 7B
+    model) while they wait in a barrier: NCCL's default of 10 minutes would let a slow filesystem kill the job
+    and lose the iteration's training, so it is a setting (--dist-timeout-minutes)."""
+    import datetime
     import torch
     cuda = torch.cuda.is_available()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -392,7 +398,8 @@ def start_processes(dtype_arg):
     if "RANK" in os.environ:  # launched by torchrun
         if cuda:
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return Run(rank, world, device, {"auto": "bf16" if cuda else "fp32"}.get(dtype_arg, dtype_arg))
 
 
@@ -654,6 +661,9 @@ def parser():
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                     help="compute dtype; auto: bf16 on a GPU, fp32 on a CPU (master weights stay fp32)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    ap.add_argument("--dist-timeout-minutes", type=float, default=60, help="under torchrun: how long a process "
+                    "waits for the others in a collective (rank 0 alone loads and saves the checkpoint meanwhile; "
+                    "torch's NCCL default, 10, is too short for a 7B save on a slow filesystem)")
     ap.add_argument("--attn-implementation", default=None, help="passed to from_pretrained: eager, sdpa, "
                     "flash_attention_2 (default: transformers' choice). Gemma-2 needs eager: the others skip its "
                     "attention-logit soft-capping")
@@ -665,8 +675,10 @@ def check_args(args, world):
     for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if not (args.lr > 0 and args.eta > 0 and 0 <= args.warmup_ratio < 1 and args.max_grad_norm >= 0):
-        raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1 and --max-grad-norm >= 0")
+    if not (args.lr > 0 and args.eta > 0 and 0 <= args.warmup_ratio < 1 and args.max_grad_norm >= 0
+            and args.dist_timeout_minutes > 0):
+        raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1, --max-grad-norm >= 0 and "
+                         "--dist-timeout-minutes > 0")
     if args.loss != "sppo" and args.select != "best-worst":
         raise InputError(f"--loss {args.loss} compares a winner with a loser: it needs --select best-worst")
     if args.max_prompt_length >= args.max_length:
@@ -735,7 +747,7 @@ def main():
     micro = check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     records = read_ranked(args.data, args.select)
     check_paths([args.data, args.model], args.out)
-    run = start_processes(args.dtype)  # imports torch: after the checks, so bad input fails in a blink
+    run = start_processes(args.dtype, args.dist_timeout_minutes)  # imports torch: after the checks, so bad input fails in a blink
     settings = run_settings(args, run.dtype)
     if finished_earlier(args.out, settings):
         return run.print(f"train: {args.out} exists, nothing to do")

@@ -226,9 +226,11 @@ def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     open(str(two) + ".tmp/model.safetensors", "w").write("half-written")
     settings = ["--epochs", 2, "--batch-size", 12, "--micro-batch-size", 2]
     train(world, data, one, *settings)
-    train(world, data, two, *settings, nproc=2, spy_log=tmp_path / "spy.jsonl")
+    train(world, data, two, *settings, "--dist-timeout-minutes", 7, nproc=2, spy_log=tmp_path / "spy.jsonl")
     assert sorted(map(json.dumps, read_jsonl(tmp_path / "spy.jsonl"))) == sorted(map(json.dumps, [
-        {"rank": 0, "call": "from_pretrained", "meta": False}, {"rank": 1, "call": "from_config", "meta": True}]))
+        {"rank": 0, "call": "from_pretrained", "meta": False}, {"rank": 1, "call": "from_config", "meta": True},
+        # the process group waits 7 minutes, not torch's default (NCCL 10, gloo 30), for rank 0's load and save
+        *({"rank": r, "call": "init_process_group", "backend": "gloo", "timeout_s": 420.0} for r in (0, 1))]))
     a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
     assert len(a) == len(b) == 4
     # step 1 runs on the starting weights, so the policy is the reference: every log-ratio is 0 and the loss
