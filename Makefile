@@ -18,6 +18,7 @@ $(VENV)/.installed: requirements/cpu.txt
 
 setup: $(VENV)/.installed
 
+# test: the quick suite, for editing. test-all: every test, the slow cases too; what CI runs (.ci/run).
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
-from benchutil import import_llm_blender, interleaved, machine, median, table, write_json
+from benchutil import LiveResults, import_llm_blender, interleaved, machine, median, table
 
 import pairrm  # noqa: E402  (benchutil puts the repository on the path)
 import rank  # noqa: E402
@@ -147,6 +147,11 @@ def main():
     print(f"ranker {args.ranker}: {n_params / 1e6:.1f}M parameters; {len(records)} prompts x K={k}: {len(pairs)} "
           f"ordered pairs, {np.mean(row_tokens):.0f} tokens per pair row (min {min(row_tokens)}, max {max(row_tokens)}); "
           f"{args.device}, {torch.get_num_threads()} threads")
+    live = LiveResults(args.out, ["agreement", "sweep"] + [f"timed round {r + 1}" for r in range(args.repeats)],
+                       benchmark="rank", command="python bench/bench_rank.py " + " ".join(
+                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+                       machine=machine(), ranker=args.ranker, parameters=n_params, prompts=len(records), k=k,
+                       pairs=len(pairs), mean_row_tokens=float(np.mean(row_tokens)))
 
     def ours(m, bs, recs=records):
         ps = [(p, c[i], c[j]) for p, c in recs for i, j in cells]
@@ -165,6 +170,7 @@ def main():
     err = float(np.abs(mine - ref).max())
     scale = float(np.abs(ref).max())
     print(f"agreement (fp32): max |s_rank.py - s_Blender| = {err:.2e} (scores up to {scale:.2f})")
+    live.point("agreement", agreement_max_abs=err, score_scale=scale)
     if err > 1e-3 * max(1.0, scale):
         raise SystemExit("rank.py and Blender disagree: not timing")
 
@@ -179,8 +185,9 @@ def main():
     best_bs = max((int(n.split("=")[1]) for n in sweep_rate if n.startswith("blender")),
                   key=lambda b: sweep_rate[f"blender bs={b}"])
     print("sweep (pairs/s on", len(sub), "prompts):", ", ".join(f"{n} {r:.1f}" for n, r in sweep_rate.items()))
+    live.point("sweep", sweep_pairs_per_s=sweep_rate, blender_best_batch_size=best_bs)
 
-    # --- the timed runs, round-robin
+    # --- the timed runs, round-robin; the table is written after every round
     fns = {f"rank.py fp32 bs={batch_size}": lambda: ours(model, batch_size),
            f"rank.py bf16 bs={batch_size}": lambda: ours(model_bf16, batch_size),
            "Blender bs=1 (released SPPO)": lambda: theirs(1)}
@@ -189,26 +196,31 @@ def main():
     if args.blender_fp16:
         blender.ranker.half()
         fns = {n.replace("Blender", "Blender fp16"): f for n, f in fns.items()}
-    times, results = interleaved(fns, args.repeats, sync)
-    base = median(times["Blender fp16 bs=1 (released SPPO)" if args.blender_fp16 else "Blender bs=1 (released SPPO)"])
-    rows = [{"method": n, "seconds": median(ts), "pairs_per_s": len(pairs) / median(ts), "vs_bs1": base / median(ts),
-             "max_score_error": float(np.abs(results[n] - ref).max()), "all_seconds": [round(t, 3) for t in ts]}
-            for n, ts in times.items()]
+    times = {n: [] for n in fns}
+    for r in range(args.repeats):
+        t, results = interleaved(fns, 1, sync)
+        for n in fns:
+            times[n] += t[n]
+        live.point(f"timed round {r + 1}", **timed_summary(times, results, ref, len(pairs), args.blender_fp16))
+    rows = live.data["rows"]
     table(rows, [("method", "method", "{}"), ("seconds", "s (median)", "{:.2f}"), ("pairs_per_s", "pairs/s", "{:.1f}"),
                  ("vs_bs1", "x Blender bs=1", "{:.2f}"), ("max_score_error", "max |s - s_fp32|", "{:.1e}")])
-    best_theirs = max(r["pairs_per_s"] for r in rows if "Blender" in r["method"])
-    ours_fp32 = rows[0]["pairs_per_s"]
-    print(f"rank.py fp32 / Blender bs=1: {rows[0]['vs_bs1']:.2f}x; / Blender's best: {ours_fp32 / best_theirs:.2f}x; "
-          f"bf16 / Blender's best: {rows[1]['pairs_per_s'] / best_theirs:.2f}x")
-    write_json(args.out, {
-        "benchmark": "rank", "command": "python bench/bench_rank.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
-        "machine": machine(), "ranker": args.ranker, "parameters": n_params, "prompts": len(records), "k": k,
-        "pairs": len(pairs), "mean_row_tokens": float(np.mean(row_tokens)), "agreement_max_abs": err,
-        "score_scale": scale, "sweep_pairs_per_s": sweep_rate, "blender_best_batch_size": best_bs, "rows": rows,
-        "ours_fp32_over_blender_bs1": rows[0]["vs_bs1"], "ours_fp32_over_blender_best": ours_fp32 / best_theirs,
-        "ours_bf16_over_blender_bs1": rows[1]["vs_bs1"], "ours_bf16_over_blender_best": rows[1]["pairs_per_s"] / best_theirs})
+    print(f"rank.py fp32 / Blender bs=1: {rows[0]['vs_bs1']:.2f}x; / Blender's best: "
+          f"{live.data['ours_fp32_over_blender_best']:.2f}x; bf16 / Blender's best: "
+          f"{live.data['ours_bf16_over_blender_best']:.2f}x")
+    live.finish()
 
+
+def timed_summary(times, results, ref, n_pairs, fp16):
+    """The table so far (medians of the rounds run) and rank.py's speed against Blender's."""
+    base = median(times["Blender fp16 bs=1 (released SPPO)" if fp16 else "Blender bs=1 (released SPPO)"])
+    rows = [{"method": n, "seconds": median(ts), "pairs_per_s": n_pairs / median(ts), "vs_bs1": base / median(ts),
+             "max_score_error": float(np.abs(results[n] - ref).max()), "all_seconds": [round(t, 3) for t in ts]}
+            for n, ts in times.items()]
+    best_theirs = max(r["pairs_per_s"] for r in rows if "Blender" in r["method"])
+    return {"rows": rows, "ours_fp32_over_blender_bs1": rows[0]["vs_bs1"],
+            "ours_fp32_over_blender_best": rows[0]["pairs_per_s"] / best_theirs,
+            "ours_bf16_over_blender_bs1": rows[1]["vs_bs1"], "ours_bf16_over_blender_best": rows[1]["pairs_per_s"] / best_theirs}
 
 if __name__ == "__main__":
     main()

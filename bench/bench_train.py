@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from benchutil import ROOT, machine, median, table, write_json
+from benchutil import ROOT, LiveResults, machine, median, table
 
 # A Llama-style policy: hidden, layers, heads (head_dim 64), MLP width
 SIZES = {"tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
@@ -243,8 +243,9 @@ def parser():
     return ap
 
 
-def bench_one(args, d, vocab_size, cuda):
-    """Every run of --runs on one model (a random one of this vocabulary, or --model's): the result rows."""
+def bench_one(args, d, vocab_size, cuda, live):
+    """Every run of --runs on one model (a random one of this vocabulary, or --model's), each measured point
+    appended to live's results as soon as it exists."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     model = args.model
@@ -271,15 +272,23 @@ def bench_one(args, d, vocab_size, cuda):
 
     check = worker_run("check", d, args)  # its own process: this one stays small
     ours, theirs = check["ours"], check["trl"]
+    name = f"vocabulary {vocab_size or args.model}"  # as main planned it
+    result = {"model": args.model, "vocab_size": config.vocab_size, "parameters": n_params, "pairs": len(pairs),
+              "tokens": tokens, "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours, "pairs": check["pairs"]}}
+    live.data["results"].append(result)
+    live.point(f"{name}: loss check")
     print(f"loss check ({check['pairs']} pairs, policy != reference, W = 1 / 0): ours {ours:.6g}, "
           f"TRL sppo_hard {theirs:.6g}, "
           f"TRL / ours = {theirs / ours:.6f} (expected 2: TRL sums the two squared errors, we average them)")
     if abs(theirs / ours - 2) > 1e-4:
         raise SystemExit("the losses disagree: not timing")
-    results = run_workers(args, d)
-    rows = summarise(results, tokens, cuda)
-    return {"model": args.model, "vocab_size": config.vocab_size, "parameters": n_params, "pairs": len(pairs),
-            "tokens": tokens, "loss_check": {"ours": ours, "trl": theirs, "ratio": theirs / ours, "pairs": check["pairs"]}, "rows": rows}
+    result["workers"] = {r: [] for r in args.runs.split(",")}
+    for i in range(args.repeats):  # each run in its own fresh process, round-robin
+        for r in result["workers"]:
+            result["workers"][r].append(worker_run(r, d, args))
+            live.point(f"{name}: {r} #{i + 1}")
+    result["rows"] = summarise(result.pop("workers"), tokens, cuda)
+    live.point(f"{name}: summary")
 
 
 def worker_run(kind, d, args):
@@ -294,15 +303,6 @@ def worker_run(kind, d, args):
                          f"{p.stdout[-1000:]}\n{p.stderr[-3000:]}")
     subprocess.run(["rm", "-rf", os.path.join(d, "ours_ckpt"), os.path.join(d, "trl_out")])
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def run_workers(args, d):
-    """Each of --runs in its own fresh process, --repeats rounds, round-robin: {run: [worker results]}."""
-    results = {r: [] for r in args.runs.split(",")}
-    for _ in range(args.repeats):
-        for r in results:
-            results[r].append(worker_run(r, d, args))
-    return results
 
 
 NAMES = {"ours": "train_sppo.py", "trl": "TRL DPOTrainer sppo_hard (ref model)",
@@ -341,18 +341,19 @@ def main():
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     vocabs = [int(v) for v in args.vocab_sizes.split(",")] if args.model in SIZES else [None]
-    results = []
+    command = "python bench/bench_train.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v not in (None, False) and k not in ("worker", "dir", "gradient_checkpointing"))
+    planned = [f"vocabulary {v or args.model}: {point}" for v in vocabs for point in
+               ["loss check", *(f"{r} #{i + 1}" for i in range(args.repeats) for r in args.runs.split(",")), "summary"]]
+    live = LiveResults(args.out, planned, benchmark="train", machine=machine(), results=[],
+                       command=command + ("" if args.gradient_checkpointing else " --no-gradient-checkpointing"))
     for v in vocabs:
         with tempfile.TemporaryDirectory() as tmp:
             d = os.path.join(args.workdir, str(v)) if args.workdir else tmp
             os.makedirs(d, exist_ok=True)
-            results.append(bench_one(args, d, v, cuda))
-    command = "python bench/bench_train.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v not in (None, False) and k not in ("worker", "dir", "gradient_checkpointing"))
-    write_json(args.out, {"benchmark": "train", "machine": machine(), "results": results,
-                          "command": command + ("" if args.gradient_checkpointing else " --no-gradient-checkpointing")})
-
+            bench_one(args, d, v, cuda, live)
+    live.finish()
 
 if __name__ == "__main__":
     main()

@@ -66,11 +66,43 @@ def table(rows, columns):
         print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
 
 
-def write_json(path, result):
+def write_json(path, result, quiet=False):
+    """The JSON file, written whole or not at all (a kill mid-write leaves the previous one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
-    print(f"-> {path}")
+    os.replace(path + ".tmp", path)
+    if not quiet:
+        print(f"-> {path}")
+
+
+class LiveResults:
+    """A benchmark's JSON, rewritten each time a point is measured: a run stopped by its time limit (gpu.sh kills
+    a part at its limit) still leaves every point it finished, and "left_out" names the planned points it did not
+    reach ("complete" turns true at the end). BENCH_STOP_AFTER=N (tests) makes the run wait after its N-th point,
+    as a part that runs past its limit does."""
+
+    def __init__(self, path, planned, **info):
+        self.path, self.data, self.points = path, {**info, "complete": False, "left_out": list(planned)}, 0
+        write_json(path, self.data, quiet=True)
+
+    def point(self, name, **values):
+        self.data.update(values)
+        self.data["left_out"] = [p for p in self.data["left_out"] if p != name]
+        write_json(self.path, self.data, quiet=True)
+        self.points += 1
+        if self.points == int(os.environ.get("BENCH_STOP_AFTER", 0)):
+            print(f"BENCH_STOP_AFTER={self.points}: waiting to be stopped", flush=True)
+            time.sleep(3600)
+
+    def plan(self, names):
+        """More planned points, known only once earlier ones are measured (e.g. the batch size a sweep picks)."""
+        self.data["left_out"] += [n for n in names if n not in self.data["left_out"]]
+        write_json(self.path, self.data, quiet=True)
+
+    def finish(self, **values):
+        self.data.update(values, complete=True, left_out=[])
+        write_json(self.path, self.data)
 
 
 def import_llm_blender():

@@ -48,6 +48,29 @@ def test_gpu_script_cpu_check(tmp_path):
         assert {row["run"] for row in r["rows"]} == {"train_sppo.py", "TRL DPOTrainer sppo_hard (ref model)",
                                                      "TRL sppo_hard, precompute_ref_log_probs"}
     assert "vocabulary 128256, hidden 2048" in logs["gen_setup"]  # the policy that generated
-    assert {r["engine"] for r in results["generate"]["rows"]} == {"hf", "vllm"}
-    assert all(r["tokens"] > 0 for r in results["generate"]["rows"])
+    gen = results["generate"]
+    assert {r["engine"] for r in gen["rows"]} == {"hf", "vllm"} and gen["dtype"] == "fp32"  # both engines alike
+    assert all(r["tokens"] > 0 for r in gen["rows"])
+    assert len(gen["sampling"]["seeded"]) == len(gen["sampling"]["unseeded"]) == 2 and gen["unseeded_over_seeded"] > 0
+    assert all(r["complete"] and r["left_out"] == [] for r in results.values())
+    assert "incomplete" not in p.stdout
     assert (out / "device.txt").is_file()
+
+
+def test_a_part_cut_by_its_limit_leaves_what_it_measured(tmp_path):
+    """The generation part on toy shapes, made to wait after its first point (BENCH_STOP_AFTER=1, as a part that
+    runs long) under a limit: timeout stops it, its JSON keeps the HF engine's row, and gpu.sh names what the part
+    did not reach."""
+    require_vllm()  # the part imports generate.py's vLLM engine
+    out = tmp_path / "cut"
+    env = dict(os.environ, SMALL="1", PARTS="generate", GEN_S="90", BENCH_STOP_AFTER="1", PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
+    env.pop("CPU_CHECK", None)
+    p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    assert "== generate FAILED (exit 124" in p.stdout, p.stdout[-3000:]
+    assert "== generate: incomplete; left out: vllm, vllm seeded round 1, vllm unseeded round 1" in p.stdout
+    result = json.loads((out / "generate.json").read_text())
+    assert not result["complete"] and [r["engine"] for r in result["rows"]] == ["hf"]
+    assert result["rows"][0]["tokens"] > 0 and result["left_out"][0] == "vllm"
+    assert p.returncode == 1  # a failed part fails the script, after the others ran

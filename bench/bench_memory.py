@@ -1,0 +1,116 @@
+"""Training memory on one device: the arithmetic for the recipes' models, and its small-scale check on a CPU.
+
+    python bench/bench_memory.py --out bench/results/memory_cpu.json
+
+One process (GPUS=1) trains with plain model.to(device): fp32 master weights (4 bytes a parameter), their fp32
+gradients (4) and RMSprop's one state buffer, square_avg (4): 12 bytes a parameter. Under bf16 autocast (the
+recipes' --dtype bf16, one process) torch keeps a bf16 copy of every weight a matmul casts until the forward's
+autocast context ends (its cast cache): 2 bytes a parameter of the decoder layers' linear weights (lm_head is cast
+by logps.token_logps itself, one chunk buffer at a time). Activations, with gradient checkpointing (each decoder
+layer recomputed in backward): each layer's fp32 input, rows x tokens x hidden x 4 bytes, plus one layer's
+recomputed intermediates at a time (MLP: about 8 bf16 tensors of rows x tokens x MLP width).
+
+The check: train_sppo.py (RMSprop, gradient checkpointing, one step) on random Llama models of the same width at two
+depths, in fp32 and in bf16; the difference of their peak memories (VmHWM) divided by the difference of their
+parameter counts is the bytes a parameter that training holds, which the arithmetic predicts (12 in fp32, 12 + 2 x
+the linear share in bf16), with the fixed costs (imports, tokenizer, embeddings, activations) cancelling out.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from benchutil import LiveResults, machine, table
+
+import bench_train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GB = 1e9
+# The recipes' models (their config.json): vocabulary, hidden, layers, MLP width, attention width (heads x head
+# dim), KV width, tied embeddings, norms per layer; micro-batch prompts (rows = 2 x prompts: best and worst).
+RECIPES = {
+    "Mistral-7B-Instruct-v0.2": dict(V=32000, H=4096, L=32, I=14336, A=4096, KV=1024, tied=False, norms=2, micro=8),
+    "Meta-Llama-3-8B-Instruct": dict(V=128256, H=4096, L=32, I=14336, A=4096, KV=1024, tied=False, norms=2, micro=8),
+    "gemma-2-9b-it": dict(V=256000, H=3584, L=42, I=14336, A=4096, KV=2048, tied=True, norms=4, micro=4),
+}
+
+
+def linear_params(m):
+    """Parameters of one decoder layer's linear weights: q, k, v, o and the MLP's gate, up, down."""
+    return m["H"] * (2 * m["A"] + 2 * m["KV"]) + 3 * m["H"] * m["I"]
+
+
+def recipe_memory(m, tokens=1024):
+    """GB of one training process holding the whole model (GPUS=1), bf16 autocast, gradient checkpointing."""
+    linear = m["L"] * linear_params(m)
+    params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + m["V"] * m["H"] * (1 if m["tied"] else 2)
+    rows = 2 * m["micro"]
+    parts = {"parameters (B)": params / 1e9,
+             "weights fp32": 4 * params / GB, "gradients fp32": 4 * params / GB, "RMSprop state": 4 * params / GB,
+             "autocast bf16 copies": 2 * linear / GB,
+             "checkpointed layer inputs": m["L"] * rows * tokens * m["H"] * 4 / GB,
+             "one layer recomputed": 8 * rows * tokens * m["I"] * 2 / GB,
+             "lm_head bf16 + logit chunks": (2 * m["V"] * m["H"] + 3 * 2**26) / GB}
+    parts["total"] = sum(v for k, v in parts.items() if k != "parameters (B)")
+    return parts
+
+
+def measure(args, tmp, layers, dtype):
+    """train_sppo.py's peak memory (GB, VmHWM) for one step on a random model with this many layers."""
+    d = os.path.join(tmp, f"L{layers}")
+    if not os.path.isdir(d):
+        os.makedirs(d)
+        bench_train.random_policy(os.path.join(d, "policy"), args.size, layers=layers)
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(os.path.join(d, "policy"))
+        bench_train.write_data(d, bench_train.make_pairs(tok, args.pairs, 16, 48))
+    out = os.path.join(d, f"ckpt-{dtype}")
+    cmd = [sys.executable, os.path.join(ROOT, "train_sppo.py"), "--model", os.path.join(d, "policy"), "--data",
+           os.path.join(d, "ranked.jsonl"), "--out", out, "--batch-size", str(args.pairs), "--micro-batch-size",
+           str(args.pairs), "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype", dtype, "--eta", "5"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", SPPO_PROGRESS="0"))
+    if p.returncode != 0:
+        raise SystemExit(p.stderr[-2000:])
+    with open(os.path.join(out, "sppo_train.json")) as f:
+        stats = json.load(f)["stats"]
+    subprocess.run(["rm", "-rf", out])
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+    with torch.device("meta"):
+        n = sum(x.numel() for x in AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(os.path.join(d, "policy"))).parameters())
+    return stats["peak_memory_gb"] * 2**30 / GB, n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="100m", help="bench_train's model width (100m: hidden 1024, MLP 2816)")
+    ap.add_argument("--layers", default="2,10", help="the two depths")
+    ap.add_argument("--pairs", type=int, default=4, help="pairs of one step (one micro-batch)")
+    ap.add_argument("--out", default="bench/results/memory_cpu.json")
+    args = ap.parse_args()
+    lo, hi = map(int, args.layers.split(","))
+    recipes = {name: recipe_memory(m) for name, m in RECIPES.items()}
+    table([{"model": n, **r} for n, r in recipes.items()],
+          [("model", "one GPU, GB", "{}"), *((k, k, "{:.2f}") for k in next(iter(recipes.values())))])
+    live = LiveResults(args.out, ["fp32", "bf16"], benchmark="memory", machine=machine(), recipes=recipes,
+                       command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
+    shape = bench_train.SIZES[args.size]
+    linear_share = (4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"]) / (
+        4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"] + 2 * shape["hidden_size"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("fp32", "bf16"):
+            (a, na), (b, nb) = measure(args, tmp, lo, dtype), measure(args, tmp, hi, dtype)
+            predicted = 12 + (2 * linear_share if dtype == "bf16" else 0)
+            live.data["checks"].append({"dtype": dtype, "layers": [lo, hi], "parameters": [na, nb], "peak_gb": [a, b],
+                                        "bytes_per_parameter": (b - a) * GB / (nb - na), "predicted": predicted})
+            live.point(dtype)
+    table(live.data["checks"], [("dtype", "dtype", "{}"), ("bytes_per_parameter", "measured bytes/param", "{:.2f}"),
+                                ("predicted", "predicted", "{:.2f}")])
+    live.finish()
+
+
+if __name__ == "__main__":
+    main()
