@@ -18,11 +18,16 @@ $(VENV)/.installed: requirements/cpu.txt
 
 setup: $(VENV)/.installed
 
+# The benchmarks' peers (TRL), which the whole suite needs too: bench/gpu.sh's CPU check runs TRL's trainer.
+$(VENV)/.bench-installed: $(VENV)/.installed requirements/bench.txt
+	$(VENV)/bin/pip install -q $(PIP_SOURCES) -r requirements/bench.txt
+	touch $@
+
 # test: the quick suite, for editing. test-all: every test, the slow cases too; what CI runs (.ci/run).
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
-test-all: setup
+test-all: setup $(VENV)/.bench-installed
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 # The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
