@@ -89,19 +89,21 @@ def main():
     ap.add_argument("--size", default="100m", help="bench_train's model width (100m: hidden 1024, MLP 2816)")
     ap.add_argument("--layers", default="2,10", help="the two depths")
     ap.add_argument("--pairs", type=int, default=4, help="pairs of one step (one micro-batch)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a CPU)")
     ap.add_argument("--out", default="bench/results/memory_cpu.json")
     args = ap.parse_args()
     lo, hi = map(int, args.layers.split(","))
     recipes = {name: recipe_memory(m) for name, m in RECIPES.items()}
     table([{"model": n, **r} for n, r in recipes.items()],
           [("model", "one GPU, GB", "{}"), *((k, k, "{:.2f}") for k in next(iter(recipes.values())))])
-    live = LiveResults(args.out, ["fp32", "bf16"], benchmark="memory", machine=machine(), recipes=recipes,
+    dtypes = args.dtypes.split(",")
+    live = LiveResults(args.out, dtypes, benchmark="memory", machine=machine(), recipes=recipes,
                        command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
     shape = bench_train.SIZES[args.size]
     linear_share = (4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"]) / (
         4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"] + 2 * shape["hidden_size"])
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             (a, na), (b, nb) = measure(args, tmp, lo, dtype), measure(args, tmp, hi, dtype)
             predicted = 12 + (2 * linear_share if dtype == "bf16" else 0)
             live.data["checks"].append({"dtype": dtype, "layers": [lo, hi], "parameters": [na, nb], "peak_gb": [a, b],
