@@ -54,7 +54,8 @@ def split_markdown(text):
 
 
 def inline_spans(prose):
-    return [s for line in prose for s in re.findall(r"`([^`]+)`", line)]
+    """The text of every `code span` (one may run across a line break)."""
+    return [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", "\n".join(prose))]
 
 
 def slug(heading):
