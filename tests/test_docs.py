@@ -163,8 +163,8 @@ def script_calls(command):
 
 def repo_paths(token, top):
     """The repository path a token names, or None: its first component must be a tracked top-level name."""
-    path = token.strip("\"'.,:;()[]").rstrip("/")
-    if not path or not re.fullmatch(r"[\w.\-/*{},]+", path) or path.startswith("."):
+    path = token.lstrip("\"'([").rstrip("\"'.,:;)]").rstrip("/")
+    if not path or not re.fullmatch(r"[\w.\-/*{},]+", path):
         return None
     stem, _, attr = path.rpartition(".")
     if stem and os.path.isfile(os.path.join(ROOT, stem + ".py")) and attr != "py":
