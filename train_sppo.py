@@ -77,8 +77,11 @@ def dpo_loss(ratio_w, ratio_l, eta):
 
 
 def ipo_loss(ratio_w, ratio_l, eta):
-    """IPO (TRL's convention):  ( ratio_w - ratio_l - 1/(2 beta) )^2: the gap regressed to a fixed margin eta/2.
-    At step 1 the loss is (eta/2)^2."""
+    """IPO:  ( ratio_w - ratio_l - 1/(2 beta) )^2: the gap regressed to a fixed margin eta/2. At step 1 the loss
+    is (eta/2)^2. The ratios are sums over the response tokens, as for SPPO and as the released trainer computes
+    its "ipo" loss (uclaml/SPPO sppo/trainer.py: average_log_prob=False), so the margin is in nats per response.
+    TRL's DPOTrainer (loss_type="ipo", 1.16) divides each completion's log-prob by its token count first, as the
+    IPO authors do: a margin in nats per token, which a long response reaches with a smaller change per token."""
     return (ratio_w - ratio_l - eta / 2) ** 2
 
 
