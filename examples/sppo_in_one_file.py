@@ -54,7 +54,12 @@ def parse_args():
     ap.add_argument("--show", type=int, default=None, help="the prompt to tabulate (default: widest spread of W)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write ranked.jsonl, reference_logps.jsonl, steps.jsonl here")
-    return ap.parse_args()
+    a = ap.parse_args()
+    if a.loss == "dpo" and a.select != "best-worst":
+        ap.error("--loss dpo compares a winner with a loser: it needs --select best-worst")
+    if a.k < 2 or a.prompts < 1 or a.steps < 1 or not (a.show is None or 0 <= a.show < a.prompts):
+        ap.error("need --k >= 2, --prompts >= 1, --steps >= 1 and 0 <= --show < --prompts")
+    return a
 
 
 # -----------------------------------------------------------------------------
@@ -79,7 +84,7 @@ def sample(policy, tok, prompts, a):
 # -----------------------------------------------------------------------------
 # 2. PairRM on every ordered pair (i, j): M_ij; then P_ij = P(y_i beats y_j | x) and W_i = mean_j P_ij
 
-def rank(ranker, rtok, records, k):
+def rank_all(ranker, rtok, records, k):
     cells = ordered_pairs(k)  # (i, j) for i != j: M_ii is never asked, P_ii = 1/2 by construction
     pairs = [(r["prompt"], r["responses"][i], r["responses"][j]) for r in records for i, j in cells]
     flat = pair_logits(ranker, rtok, pairs, batch_size=8)  # one logit per pair, both orders asked
@@ -155,7 +160,7 @@ def main():
     if not os.path.isdir(a.world):
         if a.world != DEFAULT_WORLD:
             sys.exit(f"--world {a.world}: no such directory (build one: python examples/tiny/build.py --out DIR)")
-        print(f"building the tiny world into {a.world} (once, about 2 minutes)")
+        print(f"building the tiny world into {a.world} (once, 2-3 minutes)")
         subprocess.run([sys.executable, os.path.join(ROOT, "examples", "tiny", "build.py"), "--out", a.world,
                         "--world-version", "2"], check=True)
     torch.manual_seed(a.seed)
@@ -170,7 +175,7 @@ def main():
     records = sample(policy, tok, prompts, a)
     print(f"1. sampled K={a.k} answers for each of {len(records)} prompts")
     ranker, rtok = load_ranker(os.path.join(a.world, "ranker"))
-    rank(ranker, rtok, records, a.k)
+    rank_all(ranker, rtok, records, a.k)
     spread = [max(r["win_rate"]) - min(r["win_rate"]) for r in records]
     print(f"2. PairRM: W lies in [{min(min(r['win_rate']) for r in records):.3f}, "
           f"{max(max(r['win_rate']) for r in records):.3f}], mean spread (max - min) per prompt {np.mean(spread):.3f}")
