@@ -207,8 +207,10 @@ def fig_training(run, its):
         if j == 0:
             a.set_ylabel(f"{its[0]['loss'].upper()} loss")
             b.set_ylabel("log pi(y|x) - log pi_t(y|x)")
-    fig.legend(*axes[1, 0].get_legend_handles_labels(), loc="lower center", ncol=5, frameon=False)
-    return save(fig, run, "report_training.png", rect=(0, 0.06, 1, 1))
+    handles = axes[1, 0].get_legend_handles_labels()
+    rows = 1 if len(its) >= 3 or len(handles[0]) <= 3 else 2  # one row of entries where the figure is wide enough
+    fig.legend(*handles, loc="lower center", ncol=-(-len(handles[0]) // rows), frameon=False)
+    return save(fig, run, "report_training.png", rect=(0, 0.05 * rows + 0.01, 1, 1))  # room for the legend below
 
 
 def warmup_steps(log):
