@@ -1,8 +1,9 @@
 """examples/tiny/report.py on a hand-made run directory: two iterations, three held-out prompts, no models."""
 import json
 import os
+import sys
 
-from conftest import run_stage, write_jsonl
+from conftest import ROOT, run_stage, write_jsonl
 from evaluate import text_hash
 
 SIGN = "Hope this helps!"
@@ -149,7 +150,7 @@ def test_report_words_come_from_the_numbers(tmp_path):
     assert "losers -1.00 against -1.75 (short of it)" in page and "losers -2.50 against -2.00 (past it)" in page
     assert "the losers past it in 1, at it in 0 and short of it in 1" in page
     assert "stops pulling" not in page
-    assert "They stay at 0 through step 2: the learning-rate warm-up gives the first 1 step a learning rate of 0" in page
+    assert "They stay at 0 through step 2: the learning-rate warm-up gives step 1 a learning rate of 0" in page
 
 
 def test_report_says_when_length_is_flat(tmp_path):
@@ -169,3 +170,13 @@ def test_report_says_when_length_is_flat(tmp_path):
     assert "the held-out answers' length stays at about 20 characters" in page
     assert ("the responses trained up are +0, +0 characters longer than those trained down in iterations 1, 2: the "
             "judge's choices push the length neither way") in page
+
+
+def test_moves_follows_the_printed_numbers():
+    """The demo's spreads of W were 0.126, 0.136, 0.105: printed 0.13, 0.14, 0.10, so the words must say widens then
+    narrows (a fixed tolerance of 0.01 called the first change 'stays', against the printed numbers)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
+    from report import moves
+    assert moves([0.1257, 0.1357, 0.1048], "widens", "narrows") == "widens from 0.13 to 0.14, then narrows to 0.10"
+    assert moves([0.8, 0.8001, 0.79], "grows", "shrinks") == "stays at about 0.80, then shrinks to 0.79"
+    assert moves([60.2, 75.4, 75.3], "grows", "shrinks", "{:.0f}") == "grows from 60 to 75, then stays at about 75"

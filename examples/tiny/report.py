@@ -122,13 +122,14 @@ def share_won(run, ev, name):
     return float(np.mean((o > 0.5) + 0.5 * (o == 0.5))) if not np.isnan(o).any() else float("nan")
 
 
-def moves(values, up, down, fmt="{:.2f}", tol=0.01):
+def moves(values, up, down, fmt="{:.2f}", tol=0.0):
     """How a series moves, in words computed from it: 'narrows from 0.13 to 0.10', 'widens from 0.13 to 0.14,
-    then narrows to 0.10', 'stays at about 0.13'. Changes smaller than tol count as staying."""
-    values = list(values)
+    then narrows to 0.10', 'stays at about 0.13'. The words follow the numbers as printed (fmt), so they never
+    contradict them; a change of at most tol (in printed units) counts as staying."""
+    values = [float(fmt.format(v).rstrip("%")) for v in values]  # as the reader sees them
     if len(values) < 2:
         return f"is {fmt.format(values[0])}"
-    steps = [0 if abs(b - a) < tol else (1 if b > a else -1) for a, b in zip(values, values[1:])]
+    steps = [0 if abs(b - a) <= tol else (1 if b > a else -1) for a, b in zip(values, values[1:])]
     out, i = [], 0
     while i < len(steps):  # one phrase per run of equal directions
         j = i
@@ -170,11 +171,12 @@ def fig_winrate(run, ev, names, best):
     m = ev["models"]
     x = np.arange(len(names))
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for key, se, label in (("win_rate", "se", "win rate"), ("lc_win_rate", "lc_se", "length-controlled (LC)")):
+    for key, se, label in (("win_rate", "se", "win rate (expected)"), ("lc_win_rate", "lc_se", "length-controlled (LC)")):
         a.errorbar(x, [100 * m[n][key] for n in names], yerr=[100 * m[n][se] for n in names], marker="o",
                    capsize=3, label=label)
+    a.plot(x, [100 * m[n]["share_won"] for n in names], ls=":", marker=".", color="grey", label="share won")
     a.axhline(50, color="grey", lw=0.8, ls="--")
-    a.set(xticks=x, xticklabels=names, ylabel=f"expected win rate vs {ev['baseline']} (%)", ylim=(0, 102),
+    a.set(xticks=x, xticklabels=names, ylabel=f"% against {ev['baseline']}", ylim=(0, 102),
           title="What the judge (tiny ranker) says")
     a.legend(loc="lower right")
     b.plot(x, [m[n]["rule"] for n in names], marker="s", color="tab:green")
@@ -293,7 +295,7 @@ def section_winrate(run, its, ev, figs, version):
     names, m, base, it0 = list(ev["models"]), ev["models"], ev["baseline"], its[0]
     rule, best = RULES[version]
     first, last = names[0], names[-1]
-    won = {n: share_won(run, ev, n) for n in names}
+    won = {n: m[n]["share_won"] for n in names}
     out = [f"# The tiny demo: {len(its)} iterations of {it0['loss'].upper()}", "",
            f"Run directory `{run}`: {it0['n_prompts']} training prompts x K = {it0['k']} sampled responses per "
            f"iteration, eta = {it0['eta']:g}. Everything below is read from the files the loop and evaluate.py "
@@ -310,12 +312,12 @@ def section_winrate(run, its, ev, figs, version):
             f"Each model answers the {held_out(ev)}, {ev['decoding']}; the judge (the tiny ranker, "
             f"in both orders) gives each answer a probability of beating {base}'s answer to the same prompt. The "
             "win rate is the mean of those probabilities, an *expected* win rate (as AlpacaEval 2.0 computes its "
-            "own): a sure win counts 1, a toss-up 1/2, a 0.7 counts 0.7. The share won counts a prompt as won "
+            "own): a sure win counts 1, a toss-up 1/2, a 0.7 counts 0.7. The share won (dotted) counts a prompt as won "
             "when that probability is above 1/2 (exactly 1/2 counts half); it moves further than the win rate "
             f"when the judge is unsure of many answers. {base} against itself is 50% by definition. What to see: "
-            f"the win rate {moves([100 * m[n]['win_rate'] for n in names], 'rises', 'falls', '{:.0f}%', 1)} "
-            f"(share won {moves([100 * won[n] for n in names], 'rises', 'falls', '{:.0f}%', 1)}), and the hidden "
-            f"score (right) {moves([m[n]['rule'] for n in names], 'rises', 'falls', '{:+.2f}', 0.05)}. "
+            f"the win rate {moves([100 * m[n]['win_rate'] for n in names], 'rises', 'falls', '{:.0f}%')} "
+            f"(share won {moves([100 * won[n] for n in names], 'rises', 'falls', '{:.0f}%')}), and the hidden "
+            f"score (right) {moves([m[n]['rule'] for n in names], 'rises', 'falls', '{:+.2f}')}. "
             + agreement(m, names) + " LC is the "
             "win rate the model would have at equal length; here it is within "
             f"{max(100 * abs(m[n]['win_rate'] - m[n]['lc_win_rate']) for n in names):.1f} points of the raw one at "
@@ -332,8 +334,8 @@ def section_training(run, its, ev, figs, version):
     idle = warmup_steps(it0["log"])
     start = ("Both log-ratios are exactly 0 at step 1: the policy is its own reference before the first update, "
              "so the first loss is the mean squared target. " + (
-                 f"They stay at 0 through step {idle + 1}: the learning-rate warm-up gives the first {idle} "
-                 f"step{'s' if idle > 1 else ''} a learning rate of 0 (Hugging Face's linear warm-up starts from "
+                 f"They stay at 0 through step {idle + 1}: the learning-rate warm-up gives "
+                 f"{'step 1' if idle == 1 else f'steps 1-{idle}'} a learning rate of 0 (Hugging Face's linear warm-up starts from "
                  "0, and the released recipe uses it), so no weight moves until then (shaded). "
                  if idle else ""))
     if it0["loss"] == "sppo":
@@ -384,7 +386,7 @@ def section_W(run, its, ev, figs, version):
                "so W stays well inside 0-1. ")
             + f"What to see: the spread of W (standard deviation) {moves([it['W'].std() for it in its], 'widens', 'narrows')}"
             f" over iterations {', '.join(str(it['t']) for it in its)}; the share of all-alike prompts (W spread "
-            f"under 0.1) {moves([100 * it['alike'] for it in its], 'grows', 'shrinks', '{:.0f}%', 1)}; and the "
+            f"under 0.1) {moves([100 * it['alike'] for it in its], 'grows', 'shrinks', '{:.0f}%')}; and the "
             f"mean size of the trained targets |eta (W - 1/2)|, how far each iteration asks the policy to move, "
             f"{moves([it['target_size'] for it in its], 'grows', 'shrinks')}. All samples alike on every prompt "
             "is what the Nash equilibrium looks like from inside: no response of the policy is preferred to "
@@ -409,7 +411,7 @@ def section_length(run, its, ev, figs, version):
             f"Black: the mean length in characters of the held-out answers ({ev['decoding']}). Blue and red: in "
             "the samples each iteration trains on (drawn from the policy it starts from), the mean length of the "
             "responses trained up (W > 1/2) and down (W < 1/2): what the judge's choices push the length towards. "
-            f"What to see: the held-out answers' length {moves([m[n]['mean_length'] for n in names], 'grows', 'shrinks', '{:.0f}', 2)}"
+            f"What to see: the held-out answers' length {moves([m[n]['mean_length'] for n in names], 'grows', 'shrinks', '{:.0f}')}"
             f" characters; the responses trained up are {', '.join(f'{g:+.0f}' for g in gap)} characters longer than "
             f"those trained down in iterations {', '.join(str(it['t']) for it in its)}: {length_push(gap)}. A sign-off adds 17 "
             "characters and a filler 4, so here a better answer can be longer or shorter; real judges (PairRM, "
@@ -460,6 +462,8 @@ def report(run, prompt_id=None):
     its = [load_iteration(run, t, version) for t in ts]
     ev = load_eval(run, version)
     names = list(ev["models"])  # evaluate.py's order: base, iter1, iter2, ...
+    for n in names:
+        ev["models"][n]["share_won"] = share_won(run, ev, n)
     figs = {"winrate": fig_winrate(run, ev, names, best), "training": fig_training(run, its), "W": fig_W(run, its),
             "length": fig_length(run, its, ev, names)}
 
