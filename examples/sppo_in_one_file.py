@@ -1,6 +1,6 @@
 """SPPO in one file: one iteration on the tiny world, end to end, in plain view (for a class).
 
-    python examples/sppo_in_one_file.py                    # runs/tiny/world (built first when missing, ~2 min)
+    python examples/sppo_in_one_file.py                    # runs/tiny/world (built first when missing, 2-3 min)
     python examples/sppo_in_one_file.py --world DIR        # another tiny world (examples/tiny/build.py --out DIR)
     python examples/sppo_in_one_file.py --select all       # flags the exercises turn (docs/exercises.md):
     python examples/sppo_in_one_file.py --fresh-reference  #   --select, --fresh-reference, --eta, --loss dpo
