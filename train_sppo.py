@@ -15,7 +15,7 @@ complete (it is written as OUT.tmp and renamed); a rerun with the same settings 
 nothing; with other settings it is refused.
 
 The objective (paper eq. 3.6, eta = 1/beta), per trained response y of prompt x, with W(y) its win rate
-against the other samples of pi_t:
+among the K samples of pi_t, its own P(y > y) = 1/2 included as released (rank.win_rates; docs/glossary.md):
     L = ( log pi_theta(y|x) - log pi_t(y|x) - eta * (W(y) - 1/2) )^2
 --select best-worst (default, the released code) trains the argmax and argmin of W per prompt;
 --select all trains every sampled response (the paper's Algorithm 1). The loss is the mean over the trained
