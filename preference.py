@@ -237,12 +237,13 @@ class LLMJudge:
             self.verdict_ids.append(ids[0])
         self.path, self.dtype, self.template, self.config, self.llm = path, dtype, template, config, None
         self.context = min(getattr(config, "max_position_embeddings", None) or 8192, 8192)
+        self.engine()  # started now, so that a stage's timing of its work leaves out vLLM's start-up
 
     def warnings(self, prompts):
         return []
 
     def engine(self):
-        """vLLM, started on first use. On a CPU its KV cache is sized for a few judge prompts of the longest
+        """vLLM, started once. On a CPU its KV cache is sized for a few judge prompts of the longest
         length (vLLM's default would reserve 90% of the machine's memory); on a GPU it takes 90% of it."""
         if self.llm is None:
             from vllm import LLM
