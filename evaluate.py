@@ -297,7 +297,8 @@ def parser():
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the judge: hub id or local directory of PairRM, "
                     "a reward model or an instruct LLM")
-    ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto", help="default: read from its config.json")
+    ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto",
+                    help="pairrm, reward or judge (default: read from its config.json)")
     ap.add_argument("--judge-template", default=JUDGE_TEMPLATE, help="an LLM judge's prompt, with {prompt}, {first} "
                     "and {second} (default: configs/judge-prompt.txt)")
     ap.add_argument("--baseline", default=None, help="the NAME in --models every model is judged against (default: "

@@ -201,8 +201,9 @@ class RewardModel:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 width = max(len(rows[i]) for i in idx)
-                ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in idx], device=self.device)
-                mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in idx], device=self.device)
+                ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in idx])
+                mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in idx])
+                ids, mask = ids.to(self.device), mask.to(self.device)
                 out[idx] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().numpy()
         return dict(zip(items, out.tolist()))
 

@@ -119,13 +119,23 @@ def load_records(path):
     return records, k
 
 
+def ranker_kind(args):
+    """The preference model's kind (preference.py) and, for a judge, its prompt template; PairRM's own options
+    are refused for the other kinds."""
+    kind = detect_kind(args.ranker, args.ranker_kind)
+    if kind != "pairrm" and (args.prob_mode == "bt" or args.source_template):
+        raise InputError(f"--ranker {args.ranker} is a {kind} model: --prob-mode bt and --source-template are PairRM's")
+    return kind, read_judge_template(args.judge_template) if kind == "judge" else None
+
+
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in", dest="inp", required=True, help="generate.py's output JSONL")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the preference model: hub id or local "
                     "directory of PairRM, a reward model or an instruct LLM as judge")
-    ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto", help="default: read from its config.json")
+    ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto",
+                    help="pairrm, reward or judge (default: read from its config.json)")
     ap.add_argument("--judge-template", default=JUDGE_TEMPLATE, help="a judge's prompt, with {prompt}, {first} and "
                     "{second} (default: configs/judge-prompt.txt)")
     ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise", help="bt: PairRM only")
@@ -157,12 +167,10 @@ def main():
             template = load_tokenizer(args.source_template)
         except InputError as e:  # load_tokenizer names the flag --model
             raise InputError(str(e).replace("--model ", "--source-template ", 1))
-    kind = detect_kind(args.ranker, args.ranker_kind)
-    if kind != "pairrm" and (args.prob_mode == "bt" or template):
-        raise InputError(f"--ranker {args.ranker} is a {kind} model: --prob-mode bt and --source-template are PairRM's")
-    judge_template = read_judge_template(args.judge_template) if kind == "judge" else None
+    kind, judge_template = ranker_kind(args)
     settings = {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k,  # (earlier runs have no key for these:)
-                **({"source_template": args.source_template} if template else {}), **kind_settings(kind, judge_template)}
+                **({"source_template": args.source_template} if template else {}),
+                **kind_settings(kind, judge_template)}
     writer = ResumableWriter(args.out, settings, "rank")
     for n, r in records:  # resuming: what was ranked must be these very responses (not an older generation's)
         old = writer.done.get(r["id"])
@@ -182,7 +190,8 @@ def main():
     todo = [(n, r) for n, r in records if r["id"] not in writer.done]
     cells = ordered_pairs(k)
     print(f"rank: {len(records)} prompts in shard {args.shard}, {len(records) - len(todo)} already done, "
-          f"{len(todo)} to do, K={k}, {len(todo) * len(cells)} pairs, prob_mode={args.prob_mode}, {kind} ranker", file=sys.stderr)
+          f"{len(todo)} to do, K={k}, {len(todo) * len(cells)} pairs, prob_mode={args.prob_mode}, {kind} ranker",
+          file=sys.stderr)
 
     # --- rank
     source = {r["id"]: release_source(template, r["prompt"]) if template else r["prompt"] for _, r in todo}

@@ -178,6 +178,27 @@ def test_llm_judge_probabilities_are_the_verdict_softmax_in_both_orders(world, t
     assert p.returncode == 2 and "should contain {prompt} exactly once" in p.stderr
 
 
+def test_evaluate_with_an_llm_judge(world, tmp_path):
+    """A model against reference outputs, judged by the tiny policy: each outcome is the judge's verdict softmax
+    averaged over both orders, and the results name the judge's kind."""
+    require_vllm()
+    prompts = [r["prompt"] for r in read_jsonl(world / "eval_prompts.jsonl")[:3]]
+    ref = [{"instruction": x, "output": f"Here is a short note: {x.lower()}", "generator": "ref"} for x in prompts]
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    out = tmp_path / "eval"
+    run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--reference-outputs", tmp_path / "ref.json",
+              "--ranker", world / "policy", "--ranker-dtype", "fp32", "--out", out, "--engine", "hf",
+              "--max-tokens", 16)
+    res = json.loads((out / "results.json").read_text())
+    assert res["ranker_kind"] == "judge" and "(LLM judge)" in (out / "results.md").read_text()
+    mine = {r["prompt"]: r["responses"][0] for r in read_jsonl(out / "outputs" / "base.jsonl")}
+    template = open(TEMPLATE, encoding="utf-8").read()
+    m_ab = hf_judge_logits(world / "policy", template, [(x, mine[x], o["output"]) for x, o in zip(prompts, ref)])
+    m_ba = hf_judge_logits(world / "policy", template, [(x, o["output"], mine[x]) for x, o in zip(prompts, ref)])
+    expected = (sigmoid(m_ab) + 1 - sigmoid(m_ba)) / 2
+    assert res["models"]["base"]["win_rate"] == pytest.approx(expected.mean(), abs=1e-4)
+
+
 # -----------------------------------------------------------------------------
 # the loop, one iteration with each kind (PairRM's: tests/test_loop.py)
 
