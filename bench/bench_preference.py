@@ -9,6 +9,7 @@ call; loading and vLLM's start-up not timed). Reported: ordered pairs per second
 rows for PairRM and the judge, responses for the reward model: K per prompt instead of K(K-1)).
 """
 import argparse
+import math
 import os
 import random
 import tempfile
@@ -16,7 +17,9 @@ import time
 
 from benchutil import machine, write_json
 
-import preference  # noqa: E402  (benchutil puts the repository on the path)
+import pairrm  # noqa: E402  (benchutil puts the repository on the path)
+import preference  # noqa: E402
+from common import encode_chat  # noqa: E402
 import world  # noqa: E402
 
 
@@ -30,6 +33,23 @@ def reward_model(policy, out):
     LlamaForSequenceClassification(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(policy).save_pretrained(out)
     return out
+
+
+def forward_tokens(model, pairs):
+    """The length of each row the model runs for these pairs."""
+    if model.kind == "pairrm":
+        return [len(r) for r in pairrm.encode_pairs(model.tokenizer, pairs)]
+    if model.kind == "judge":
+        return [len(model.prompt_ids(x, a, b)) for x, a, b in pairs]
+    items = sorted({(x, y) for x, a, b in pairs for y in (a, b)})
+    return [len(encode_chat(model.tokenizer, [{"role": "user", "content": x}, {"role": "assistant", "content": y}]))
+            for x, y in items]
+
+
+def parameters(path):
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def main():
@@ -54,11 +74,12 @@ def main():
         t0 = time.time()
         model.pair_logits(pairs)
         dt = time.time() - t0
-        forwards = len(pairs) if kind != "reward" else len({(x, y) for x, a, b in pairs for y in (a, b)})
-        result["kinds"][kind] = {"seconds": dt, "pairs_per_s": len(pairs) / dt, "forwards": forwards,
-                                 "forwards_per_s": forwards / dt}
-        print(f"{kind}: {len(pairs)} pairs, {forwards} forwards in {dt:.2f}s: {len(pairs) / dt:.1f} pairs/s, "
-              f"{forwards / dt:.1f} forwards/s", flush=True)
+        tokens = forward_tokens(model, pairs)
+        result["kinds"][kind] = {"seconds": dt, "pairs_per_s": len(pairs) / dt, "forwards": len(tokens),
+                                 "forwards_per_s": len(tokens) / dt, "mean_tokens_per_forward": sum(tokens) / len(tokens),
+                                 "parameters": parameters(paths[kind])}
+        print(f"{kind}: {len(pairs)} pairs, {len(tokens)} forwards of {sum(tokens) / len(tokens):.0f} tokens on average "
+              f"in {dt:.2f}s: {len(pairs) / dt:.1f} pairs/s, {len(tokens) / dt:.1f} forwards/s", flush=True)
         del model
     if args.out:
         write_json(args.out, result)
