@@ -43,9 +43,10 @@ def read_config(path):
         if os.path.isdir(path):
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
                 return json.load(f)
-        if is_hub_id(path):
-            from huggingface_hub import hf_hub_download
-            with open(hf_hub_download(path, "config.json"), encoding="utf-8") as f:
+        if is_hub_id(path):  # the cached copy if there is one (no network round trip), else a download
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+            cached = try_to_load_from_cache(path, "config.json")
+            with open(cached if isinstance(cached, str) else hf_hub_download(path, "config.json"), encoding="utf-8") as f:
                 return json.load(f)
     except Exception:  # missing, offline, malformed: the loader then says what is wrong, in one line
         return None
@@ -55,8 +56,8 @@ def read_config(path):
 def detect_kind(path, kind="auto"):
     """`kind`, or for "auto" the kind the model's config.json says; PairRM when there is no config to read
     (the default hub id offline), so that its loader reports what is missing as it always has."""
-    if kind != "auto":
-        return kind
+    if kind != "auto" or path == "llm-blender/PairRM-hf":  # (the default needs no look-up)
+        return "pairrm" if kind == "auto" else kind
     config = read_config(path)
     if config is None or "source_prefix_id" in config:
         return "pairrm"
