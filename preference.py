@@ -220,7 +220,9 @@ class LLMJudge:
     kind = "judge"
 
     def __init__(self, path, dtype, template):
-        # On a CPU vLLM's extra engine process only adds start-up time (as in generate.py); set before import.
+        # The engine in this process, on every platform: on a CPU its extra process only adds start-up time (as
+        # in generate.py), and on a GPU a forked engine would die on the CUDA that rank.py's device check has
+        # already touched (generate.py's note); a judge reads one token per prompt, so overlap buys little.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from transformers import AutoConfig, AutoTokenizer
         try:
