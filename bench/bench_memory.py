@@ -10,7 +10,7 @@ by logps.token_logps itself, one chunk buffer at a time). Activations, with grad
 layer recomputed in backward): each layer's fp32 input, rows x tokens x hidden x 4 bytes, plus one layer's
 recomputed intermediates at a time (MLP: about 8 bf16 tensors of rows x tokens x MLP width).
 
-The check: train_sppo.py (RMSprop, gradient checkpointing, one step) on random Llama models of the same width at two
+The check: train_sppo.py (RMSprop, gradient checkpointing, two steps of two micro-batches) on random Llama models of the same width at two
 depths, in fp32 and in bf16; the difference of their peak memories (VmHWM) divided by the difference of their
 parameter counts is the bytes a parameter that training holds, which the arithmetic predicts (12 in fp32, 12 + 2 x
 the linear share in bf16), with the fixed costs (imports, tokenizer, embeddings, activations) cancelling out.
@@ -58,7 +58,9 @@ def recipe_memory(m, tokens=1024):
 
 
 def measure(args, tmp, layers, dtype):
-    """train_sppo.py's peak memory (GB, VmHWM) for one step on a random model with this many layers."""
+    """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers: two steps of two
+    micro-batches, so that the second micro-batch's forward runs with every term of the arithmetic alive (the first
+    micro-batch's gradients, the optimizer state of step 1, the autocast copies), as every step of the recipe does."""
     d = os.path.join(tmp, f"L{layers}")
     if not os.path.isdir(d):
         os.makedirs(d)
@@ -69,7 +71,8 @@ def measure(args, tmp, layers, dtype):
     out = os.path.join(d, f"ckpt-{dtype}")
     cmd = [sys.executable, os.path.join(ROOT, "train_sppo.py"), "--model", os.path.join(d, "policy"), "--data",
            os.path.join(d, "ranked.jsonl"), "--out", out, "--batch-size", str(args.pairs), "--micro-batch-size",
-           str(args.pairs), "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype", dtype, "--eta", "5"]
+           str(args.pairs // 2), "--epochs", "2", "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype",
+           dtype, "--eta", "5"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", SPPO_PROGRESS="0"))
     if p.returncode != 0:
         raise SystemExit(p.stderr[-2000:])
@@ -88,7 +91,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="100m", help="bench_train's model width (100m: hidden 1024, MLP 2816)")
     ap.add_argument("--layers", default="2,10", help="the two depths")
-    ap.add_argument("--pairs", type=int, default=4, help="pairs of one step (one micro-batch)")
+    ap.add_argument("--pairs", type=int, default=8, help="pairs of one step (two micro-batches)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a CPU)")
     ap.add_argument("--out", default="bench/results/memory_cpu.json")
     args = ap.parse_args()
