@@ -488,8 +488,12 @@ def make_optimizer(model, args, total_steps):
     no-grad forward, and a list taken then would hold those views, not the sharded parameters that learn."""
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.RMSprop(params, lr=args.lr) if args.optimizer == "rmsprop"
-           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0))
+    # One process holds the whole model: torch's default step on a GPU (foreach) makes a temporary the size of the
+    # optimizer state all at once, 4 bytes a parameter, the peak of a one-GPU run (29 GB for a 7B model; BENCHMARKS.md
+    # section 8). One tensor at a time is the same math. (On a CPU that is torch's default; FSDP's shards are 1/N.)
+    one = {"foreach": False} if int(os.environ.get("WORLD_SIZE", 1)) == 1 else {}
+    opt = (torch.optim.RMSprop(params, lr=args.lr, **one) if args.optimizer == "rmsprop"
+           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **one))
     warmup = math.ceil(total_steps * args.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, args.schedule))
     return params, opt, sched

@@ -43,18 +43,38 @@ def linear_params(m):
 
 
 def recipe_memory(m, tokens=1024):
-    """GB of one training process holding the whole model (GPUS=1), bf16 autocast, gradient checkpointing."""
+    """GB of one training process holding the whole model (GPUS=1), bf16 autocast, gradient checkpointing, at the
+    two peaks of a step: a micro-batch's forward/backward after the first (the earlier micro-batches' gradients, the
+    optimizer state and the autocast copies all alive), and the optimizer step (train_sppo steps one tensor at a
+    time in one process, so its temporary is the largest tensor's; torch's default on a GPU, foreach, would make
+    one the size of the whole optimizer state: 4 bytes a parameter more)."""
     linear = m["L"] * linear_params(m)
-    params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + m["V"] * m["H"] * (1 if m["tied"] else 2)
+    embed = m["V"] * m["H"]
+    params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + embed * (1 if m["tied"] else 2)
     rows = 2 * m["micro"]
-    parts = {"parameters (B)": params / 1e9,
-             "weights fp32": 4 * params / GB, "gradients fp32": 4 * params / GB, "RMSprop state": 4 * params / GB,
-             "autocast bf16 copies": 2 * linear / GB,
-             "checkpointed layer inputs": m["L"] * rows * tokens * m["H"] * 4 / GB,
-             "one layer recomputed": 8 * rows * tokens * m["I"] * 2 / GB,
-             "lm_head bf16 + logit chunks": (2 * m["V"] * m["H"] + 3 * 2**26) / GB}
-    parts["total"] = sum(v for k, v in parts.items() if k != "parameters (B)")
-    return parts
+    state = {"weights fp32": 4 * params / GB, "gradients fp32": 4 * params / GB, "RMSprop state": 4 * params / GB}
+    forward = {"autocast bf16 copies": 2 * linear / GB,
+               "checkpointed layer inputs": m["L"] * rows * tokens * m["H"] * 4 / GB,
+               "one layer recomputed": 8 * rows * tokens * m["I"] * 2 / GB,
+               "lm_head bf16 + logit chunks": (2 * embed + 3 * 2**26) / GB}
+    held = sum(state.values())
+    return {"parameters (B)": params / 1e9, **state, **forward, "forward peak": held + sum(forward.values()),
+            "step peak": held + 4 * embed / GB, "step peak, foreach": held + 4 * params / GB,
+            "total": held + max(sum(forward.values()), 4 * embed / GB)}
+
+
+def per_gpu(m, gpus, tokens=1024):
+    """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 (GPUS > 1) each holds 1/GPUS of the fp32 weights,
+    gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), the bf16 root (embeddings
+    and lm_head, gathered through the forward and backward), two decoder layers gathered in bf16 (the one running and
+    the one prefetched), and the same activations as one process (no autocast copies: FSDP casts each group)."""
+    if gpus == 1:
+        return recipe_memory(m, tokens)["total"]
+    r = recipe_memory(m, tokens)
+    layer = linear_params(m) + m["norms"] * m["H"]
+    root = m["V"] * m["H"] * (1 if m["tied"] else 2)
+    acts = r["checkpointed layer inputs"] + r["one layer recomputed"] + r["lm_head bf16 + logit chunks"]
+    return 16 * r["parameters (B)"] * 1e9 / gpus / GB + (2 * root + 2 * 2 * layer) / GB + acts
 
 
 def measure(args, tmp, layers, dtype):
@@ -100,6 +120,10 @@ def main():
     table([{"model": n, **r} for n, r in recipes.items()],
           [("model", "one GPU, GB", "{}"), *((k, k, "{:.2f}") for k in next(iter(recipes.values())))])
     dtypes = args.dtypes.split(",")
+    gpus = [1, 2, 4, 8]
+    table([{"model": n, **{f"GPUS={g}": per_gpu(m, g) for g in gpus}} for n, m in RECIPES.items()],
+          [("model", "GB per GPU", "{}"), *((f"GPUS={g}", f"GPUS={g}", "{:.1f}") for g in gpus)])
+    recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus}} for n, r in recipes.items()}
     live = LiveResults(args.out, dtypes, benchmark="memory", machine=machine(), recipes=recipes,
                        command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
     shape = bench_train.SIZES[args.size]
