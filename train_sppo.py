@@ -599,9 +599,7 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
         return
     save_dtype = getattr(torch, str(getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or "float32")
                          .replace("torch.", ""))
-    # A tied weight (lm_head = embed_tokens) is one parameter under two names: save it once.
-    first = {}
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+    tied = tied_names(model)  # save a tied weight once
     model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
     fault_point("checkpoint-weights")
     model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
@@ -616,6 +614,13 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
                 os.fsync(f.fileno())
     fault_point("checkpoint-written")
     os.rename(tmp, args.out)
+
+
+def tied_names(model):
+    """{second name: first name} of each tied weight (lm_head = embed_tokens: one parameter under two names)."""
+    first = {}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+            if first.setdefault(id(p), n) != n}
 
 
 def save_tokenizer(tok, model, out):
@@ -680,6 +685,7 @@ def save_state(out, step, model, opt, sched, ref, history, seconds, settings, ru
     t0, root = time.time(), out + ".state"
     final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f"step-{step}.tmp")
     model_state, opt_state = get_state_dict(model, opt)  # FSDP: this process's shards, as DTensors
+    model_state = {k: v for k, v in model_state.items() if k not in tied_names(model)}  # a tied weight once
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: as meant
         dcp.save({"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(), "ref": ref,
@@ -709,12 +715,15 @@ def load_state(path, model, opt, sched, ref_shape, run):
     with open(os.path.join(path, "train_state.json")) as f:
         meta = json.load(f)
     mine = f"rank{run.rank if run.rank < meta['processes'] else 0}"
+    tied = tied_names(model)  # saved once
     model_state, opt_state = get_state_dict(model, opt)  # the tensors to load into (the optimizer's state made)
-    state = {"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(),
-             "ref": torch.zeros(ref_shape, dtype=torch.float64), "rng": {mine: rng_state(run)}}
+    state = {"model": {k: v for k, v in model_state.items() if k not in tied}, "optimizer": opt_state,
+             "scheduler": sched.state_dict(), "ref": torch.zeros(ref_shape, dtype=torch.float64),
+             "rng": {mine: rng_state(run)}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=not run.ddp)
+    state["model"].update({name: state["model"][first] for name, first in tied.items()})
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     model.train()  # as reference_logps leaves it (from_pretrained gives eval mode: no dropout)
