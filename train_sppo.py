@@ -12,7 +12,9 @@ Output: OUT/, a save_pretrained directory (safetensors, config, generation confi
 template and its own files) plus OUT/train_log.jsonl (one line per optimizer step), OUT/reference_logps.jsonl
 (log pi_t(y|x) of every trained response) and OUT/sppo_train.json (settings, stats). OUT appears only when
 complete (it is written as OUT.tmp and renamed); a rerun with the same settings and data finds it and does
-nothing; with other settings it is refused.
+nothing; with other settings it is refused. Every --save-every steps the training state goes to OUT.state/ (sharded,
+torch.distributed.checkpoint): a rerun after a kill resumes from it (save_state, load_state). --report-to sends each
+step's metrics to TensorBoard (OUT's directory/tensorboard) or W&B as well. docs/long-runs.md tells both.
 
 The objective (paper eq. 3.6, eta = 1/beta), per trained response y of prompt x, with W(y) its win rate
 against the other samples of pi_t:
