@@ -925,8 +925,8 @@ class Reporter:
 
 
 def report_dir(out):
-    """Where the dashboards write: OUT's directory/tensorboard (run_loop.sh: one run per iteration,
-    `tensorboard --logdir runs/NAME` shows them side by side)."""
+    """Where TensorBoard writes: OUT's directory/tensorboard (run_loop.sh: one run per iteration,
+    `tensorboard --logdir runs/NAME` shows them side by side); W&B writes its own wandb/ beside it."""
     return os.path.join(os.path.dirname(os.path.abspath(out)), "tensorboard")
 
 
@@ -944,8 +944,8 @@ def start_reporter(args, settings, examples, data_stats, start, run):
             report = Reporter("tensorboard", send, writer.close)
         else:
             import wandb  # offline with WANDB_MODE=offline; the run id follows OUT, so a resumed run continues it
-            wb = wandb.init(project="sppo", name=args.out, dir=report_dir(args.out), config=settings, resume="allow",
-                            id=hashlib.sha1(os.path.abspath(args.out).encode()).hexdigest()[:16])
+            wb = wandb.init(project="sppo", name=args.out, dir=os.path.dirname(report_dir(args.out)), config=settings,
+                            resume="allow", id=hashlib.sha1(os.path.abspath(args.out).encode()).hexdigest()[:16])
             report = Reporter("wandb", lambda metrics, step: wb.log(metrics, step=step), wb.finish)
     except Exception as e:  # not installed, no account, a bad directory: warn and train
         Reporter(args.report_to).fail(e)

@@ -91,3 +91,15 @@ def test_a_reporter_that_cannot_start_warns_once_and_training_goes_on(world, dat
     warnings = [line for line in p.stderr.splitlines() if "--report-to tensorboard" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and "training goes on" in warnings[0]
     assert len(read_jsonl(out / "train_log.jsonl")) == 4 and (out / "model.safetensors").exists()
+
+
+def test_wandb_offline_writes_its_run_directory(world, data, tmp_path):
+    """W&B is optional (not in requirements/): where it is installed, WANDB_MODE=offline writes the run to OUT's
+    directory/wandb/ for a later `wandb sync`, with no account and no network."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "ckpt"
+    p = run_stage("train_sppo.py", "--model", world / "policy", "--data", data, "--out", out, *SETTINGS,
+                  "--report-to", "wandb", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert "--report-to wandb" not in p.stderr, p.stderr[-2000:]  # no warning: it started
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((tmp_path / "wandb").iterdir())
