@@ -40,17 +40,18 @@ pairs=(); for v in $SETTINGS; do pairs+=("$v=${!v-}"); done
 "$PYTHON" common.py check-run-settings "$OUT/settings.txt" "${pairs[@]}" || exit 2   # common.check_settings
 
 STAGES_RUN=0
-# --- progress: a line when a stage starts, and $OUT/status.json (written whole, then renamed) at every stage
-# boundary, for a user or a dashboard: {"iteration", "iterations", "stage", "state": running | done | done earlier,
-# "started" (this stage, UTC), "done" (this iteration's finished stages), "eta_seconds"}. The ETA is the time the
-# stages still to finish took in the previous iteration (null in the first, or when one of them was done earlier).
+# --- progress: a line when a stage starts, and $OUT/status.json (written whole, then renamed) when a stage starts
+# and ends, for a user or a dashboard: {"iteration", "iterations", "stage", "state": running | done, "started" (this
+# stage, UTC), "done" (this iteration's finished stages, those done earlier included), "eta_seconds"}. The ETA is
+# the time the stages still to finish took in the previous iteration (null in the first, or when one of them was
+# done earlier). A stage done earlier changes nothing on disk: a rerun of a finished loop writes no file.
 declare -A TOOK=()  # [iteration:stage] seconds, of the stages this loop ran
-status() {  # status STAGE STATE [SECONDS]
+status() {  # status STAGE running|done|"done earlier" [SECONDS]
     local stage=$1 state=$2 s left=0 done_json=""
     if [ "${STATUS_ITER-}" != "$t" ]; then DONE=(); STATUS_ITER=$t; fi
-    if [ "$state" != done ]; then STARTED=$(date -u +%FT%TZ); fi
     if [ "$state" != running ]; then DONE+=("$stage"); fi
-    if [ "$state" = done ]; then TOOK[$t:$stage]=$3; fi
+    if [ "$state" = "done earlier" ]; then return 0; fi
+    if [ "$state" = running ]; then STARTED=$(date -u +%FT%TZ); else TOOK[$t:$stage]=$3; fi
     for s in generate rank train; do
         [[ " ${DONE[*]-} " == *" $s "* ]] && continue
         if [ -n "$left" ] && [ -n "${TOOK[$((t - 1)):$s]+set}" ]; then left=$(( left + TOOK[$((t - 1)):$s] )); else left=; fi

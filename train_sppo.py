@@ -889,7 +889,8 @@ def log_step(last, n_steps, log, report, run):
     fault_point("train-step")
     print(f"step {last['step']}/{n_steps}  loss {last['loss']:.3e}  log-ratio {last['log_ratio']:+.3f}  "
           f"target {last['target']:+.3f}  (W>1/2 {last['log_ratio_pos']:+.3f}, W<1/2 {last['log_ratio_neg']:+.3f})"
-          f"  |g| {last['grad_norm']:.2e}  lr {last['lr']:.1e}  {last['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+          f"  |g| {last['grad_norm']:.2e}  lr {last['lr']:.1e}  {last['tokens_per_s']:.0f} tok/s",
+          file=sys.stderr, flush=True)
     report({f"train/{k}": v for k, v in last.items() if k not in ("step", "epoch")}
            | {"train/peak_memory_gb": run.local_peak_memory() / 2**30}, last["step"])
 

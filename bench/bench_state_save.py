@@ -66,7 +66,8 @@ def main():
             shutil.rmtree(d)
         r = rows[name]
         print(f"{name}: {r['parameters'] / 1e6:.2f}M parameters, {r['bytes'] / 1e6:.1f} MB per save "
-              f"({r['bytes_per_parameter']:.2f} B/parameter), save {r['save_s']:.2f}s, load {r['load_s']:.2f}s", flush=True)
+              f"({r['bytes_per_parameter']:.2f} B/parameter), save {r['save_s']:.2f}s, load {r['load_s']:.2f}s",
+              flush=True)
     table([{"model": name, **r} for name, r in rows.items()],
           [("model", "model", "{}"), ("parameters", "parameters", "{:,}"), ("bytes", "bytes per save", "{:,}"),
            ("bytes_per_parameter", "bytes / parameter", "{:.2f}"), ("save_s", "save s", "{:.2f}"),

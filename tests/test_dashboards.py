@@ -67,7 +67,8 @@ def test_tensorboard_reads_back_the_logged_steps(world, data, tmp_path):
     win = sorted(r["win_rate"][i] for r in read_jsonl(data) for i in (r["win_rate"].index(max(r["win_rate"])),
                                                                     r["win_rate"].index(min(r["win_rate"]))))
     assert seen["data/prompts"] == [(0, 16)] and seen["data/responses"] == [(0, 32)]
-    assert seen["data/win_rate_p0"][0][1] == pytest.approx(win[0]) and seen["data/win_rate_p100"][0][1] == pytest.approx(win[-1])
+    assert seen["data/win_rate_p0"][0][1] == pytest.approx(win[0])
+    assert seen["data/win_rate_p100"][0][1] == pytest.approx(win[-1])
     assert seen["data/win_rate_mean"][0][1] == pytest.approx(sum(win) / len(win))
     assert seen["data/cut_prompts"] == [(0, 0)] and seen["data/skipped_prompts"] == [(0, 0)]
 

@@ -44,7 +44,8 @@ def train(policy, data, out, fault=None, nproc=1, extra=(), check=True):
 
 def losses(out):
     """train_log.jsonl without the throughput (a timing)."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_jsonl(os.path.join(out, "train_log.jsonl"))]
+    log = read_jsonl(os.path.join(out, "train_log.jsonl"))
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
 
 
 def assert_same_run(out, ref, tol):

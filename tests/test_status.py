@@ -3,6 +3,7 @@ it when it starts (a PYTHON wrapper copies it then) and as the loop leaves it, a
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -50,9 +51,19 @@ def test_status_json_at_every_stage_start_and_at_the_end(world, tmp_path):
     assert {k: final[k] for k in ("iteration", "stage", "state", "done", "eta_seconds")} == \
         {"iteration": 2, "stage": "train", "state": "done", "done": ["generate", "rank", "train"], "eta_seconds": 0}
     assert not (out / "status.json.tmp").exists()
-    # a rerun finds everything done: each boundary says so
+    # a rerun finds everything done earlier: it writes no file, and the status stays the finished loop's
+    before = (out / "status.json").read_text()
     subprocess.run(["bash", os.path.join(ROOT, "run_loop.sh"), "configs/tiny.env"], env=env, cwd=ROOT, check=True,
                    capture_output=True)
-    final = json.loads((out / "status.json").read_text())
-    assert (final["iteration"], final["stage"], final["state"], final["done"]) == \
-        (2, "train", "done earlier", ["generate", "rank", "train"])
+    assert (out / "status.json").read_text() == before
+    # iteration 2's checkpoint removed: the rerun's one boundary lists the stages done earlier as done, and has no
+    # ETA (this loop timed nothing of iteration 1)
+    shutil.rmtree(out / "iter2" / "checkpoint")
+    log.write_text("")
+    subprocess.run(["bash", os.path.join(ROOT, "run_loop.sh"), "configs/tiny.env"], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and "train_sppo.py" in lines[0]
+    status = json.loads(lines[1])
+    assert (status["iteration"], status["stage"], status["state"], status["done"], status["eta_seconds"]) == \
+        (2, "train", "running", ["generate", "rank"], None)
