@@ -40,6 +40,30 @@ pairs=(); for v in $SETTINGS; do pairs+=("$v=${!v-}"); done
 "$PYTHON" common.py check-run-settings "$OUT/settings.txt" "${pairs[@]}" || exit 2   # common.check_settings
 
 STAGES_RUN=0
+# --- progress: a line when a stage starts, and $OUT/status.json (written whole, then renamed) when a stage starts
+# and ends, for a user or a dashboard: {"iteration", "iterations", "stage", "state": running | done, "started" (this
+# stage, UTC), "done" (this iteration's finished stages, those done earlier included), "eta_seconds"}. The ETA is
+# the time the stages still to finish took in the previous iteration (null in the first, or when one of them was
+# done earlier). A stage done earlier changes nothing on disk: a rerun of a finished loop writes no file.
+declare -A TOOK=()  # [iteration:stage] seconds, of the stages this loop ran
+status() {  # status STAGE running|done|"done earlier" [SECONDS]
+    local stage=$1 state=$2 s left=0 done_json=""
+    if [ "${STATUS_ITER-}" != "$t" ]; then DONE=(); STATUS_ITER=$t; fi
+    if [ "$state" != running ]; then DONE+=("$stage"); fi
+    if [ "$state" = "done earlier" ]; then return 0; fi
+    if [ "$state" = running ]; then STARTED=$(date -u +%FT%TZ); else TOOK[$t:$stage]=$3; fi
+    for s in generate rank train; do
+        [[ " ${DONE[*]-} " == *" $s "* ]] && continue
+        if [ -n "$left" ] && [ -n "${TOOK[$((t - 1)):$s]+set}" ]; then left=$(( left + TOOK[$((t - 1)):$s] )); else left=; fi
+    done
+    for s in "${DONE[@]-}"; do [ -n "$s" ] && done_json+="${done_json:+, }\"$s\""; done
+    printf '{"iteration": %d, "iterations": %d, "stage": "%s", "state": "%s", "started": "%s", "done": [%s], "eta_seconds": %s}\n' \
+        "$t" "$ITERS" "$stage" "$state" "$STARTED" "$done_json" "${left:-null}" > "$OUT/status.json.tmp"
+    mv "$OUT/status.json.tmp" "$OUT/status.json"
+    if [ "$state" = running ]; then
+        echo "[iter $t] $stage: started${left:+, ~$(( (left + 59) / 60 )) min left in the iteration (as iteration $(( t - 1 )))}"
+    fi
+}
 # die STAGE LOG: stop the loop, naming the stage and where to look.
 die() { echo "run_loop: stage '$1' failed (iteration $t); see $2" >&2; tail -n 3 "$2" | sed 's/^/    /' >&2; exit 1; }
 
@@ -49,8 +73,9 @@ die() { echo "run_loop: stage '$1' failed (iteration $t); see $2" >&2; tail -n 3
 # process calls itself rank 0, and eight of them compiling into one torch.compile cache collide.
 sharded() {
     local stage=$1 out=$2 s; shift 2
-    if [ -f "$out" ]; then echo "[iter $t] $stage: done earlier ($out)"; return; fi
+    if [ -f "$out" ]; then echo "[iter $t] $stage: done earlier ($out)"; status "$stage" "done earlier"; return; fi
     local start=$SECONDS pids=()
+    status "$stage" running
     for ((s = 0; s < NPROC; s++)); do
         local env=()
         if (( GPUS > 0 )); then
@@ -65,6 +90,7 @@ sharded() {
     mv "$out.tmp" "$out"
     for ((s = 0; s < NPROC; s++)); do rm -f "$out.$s"; done
     echo "[iter $t] $stage: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/$stage.0.log")"
+    status "$stage" done $(( SECONDS - start ))
     STAGES_RUN=$(( STAGES_RUN + 1 ))
 }
 
@@ -90,17 +116,21 @@ for ((t = 1; t <= ITERS; t++)); do
     ckpt=$dir/checkpoint
     if [ -d "$ckpt" ]; then
         echo "[iter $t] train: done earlier ($ckpt)"
+        status train "done earlier"
     else
         start=$SECONDS
+        status train running
         launcher=("$PYTHON")
         if (( GPUS > 1 )); then launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); fi
         if (( GPUS > 0 )); then launcher=(env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" "${launcher[@]}"); fi
         "${launcher[@]}" train_sppo.py --model "$model" --data "$dir/ranked.jsonl" --out "$ckpt" \
             --eta "$ETA" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH" --micro-batch-size "$MICRO_BATCH" \
             --optimizer "$OPTIMIZER" --warmup-ratio "$WARMUP" --max-length "$MAX_LENGTH" \
-            --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" --loss "$LOSS" ${TRAIN_ARGS-} \
+            --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" --loss "$LOSS" \
+            --save-every "$SAVE_EVERY" --report-to "$REPORT_TO" ${TRAIN_ARGS-} \
             > "$LOGS/train.log" 2>&1 || die train "$LOGS/train.log"
         echo "[iter $t] train: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/train.log")"
+        status train done $(( SECONDS - start ))
         STAGES_RUN=$(( STAGES_RUN + 1 ))
     fi
     model=$ckpt   # pi_{t+1}: the next iteration's generator and reference

@@ -12,7 +12,9 @@ Output: OUT/, a save_pretrained directory (safetensors, config, generation confi
 template and its own files) plus OUT/train_log.jsonl (one line per optimizer step), OUT/reference_logps.jsonl
 (log pi_t(y|x) of every trained response) and OUT/sppo_train.json (settings, stats). OUT appears only when
 complete (it is written as OUT.tmp and renamed); a rerun with the same settings and data finds it and does
-nothing; with other settings it is refused.
+nothing; with other settings it is refused. Every --save-every steps the training state goes to OUT.state/ (sharded,
+torch.distributed.checkpoint): a rerun after a kill resumes from it (save_state, load_state). --report-to sends each
+step's metrics to TensorBoard (OUT's directory/tensorboard) or W&B as well. docs/long-runs.md tells both.
 
 The objective (paper eq. 3.6, eta = 1/beta), per trained response y of prompt x, with W(y) its win rate
 among the K samples of pi_t, its own P(y > y) = 1/2 included as released (rank.win_rates; docs/glossary.md):
@@ -43,10 +45,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import time
+import warnings
 
 from common import (InputError, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
                     fault_point, field, load_tokenizer, main_guard, read_jsonl)
@@ -358,11 +362,15 @@ class Run:
     def memory_kind(self):
         return "CUDA allocated" if self.device.type == "cuda" else "RSS"
 
-    def peak_memory(self):
-        """Bytes: the most any process held (CUDA memory allocated, or resident memory on a CPU)."""
+    def local_peak_memory(self):
+        """Bytes: the most this process held (CUDA memory allocated, or resident memory on a CPU)."""
         import torch
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss()
-        return self.all_reduce(torch.tensor([float(peak)], dtype=torch.float64), "max").item()
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss()
+
+    def peak_memory(self):
+        """Bytes: the most any process held."""
+        import torch
+        return self.all_reduce(torch.tensor([float(self.local_peak_memory())], dtype=torch.float64), "max").item()
 
     def finish(self):
         if self.ddp:
@@ -490,7 +498,7 @@ def make_optimizer(model, args, total_steps):
     params = [p for p in model.parameters() if p.requires_grad]
     # One process holds the whole model: torch's default step on a GPU (foreach) makes a temporary the size of the
     # optimizer state all at once, 4 bytes a parameter, the peak of a one-GPU run (29 GB for a 7B model; BENCHMARKS.md
-    # section 8). One tensor at a time is the same math. (On a CPU that is torch's default; FSDP's shards are 1/N.)
+    # section 9). One tensor at a time is the same math. (On a CPU that is torch's default; FSDP's shards are 1/N.)
     one = {"foreach": False} if int(os.environ.get("WORLD_SIZE", 1)) == 1 else {}
     opt = (torch.optim.RMSprop(params, lr=args.lr, **one) if args.optimizer == "rmsprop"
            else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **one))
@@ -600,9 +608,7 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
         return
     save_dtype = getattr(torch, str(getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or "float32")
                          .replace("torch.", ""))
-    # A tied weight (lm_head = embed_tokens) is one parameter under two names: save it once.
-    first = {}
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+    tied = tied_names(model)  # save a tied weight once
     model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
     fault_point("checkpoint-weights")
     model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
@@ -619,6 +625,13 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
     os.rename(tmp, args.out)
 
 
+def tied_names(model):
+    """{second name: first name} of each tied weight (lm_head = embed_tokens: one parameter under two names)."""
+    first = {}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+            if first.setdefault(id(p), n) != n}
+
+
 def save_tokenizer(tok, model, out):
     """tok.save_pretrained, plus the tokenizer's own files that it does not rewrite (a sentencepiece
     tokenizer.model, say), copied from the starting checkpoint so tools that need them find them."""
@@ -630,6 +643,112 @@ def save_tokenizer(tok, model, out):
                               _raise_exceptions_for_connection_errors=False)
             if src:
                 shutil.copy(src, os.path.join(out, name))
+
+
+# -----------------------------------------------------------------------------
+# the training state: what a killed run resumes from (OUT.state/step-N, written with torch.distributed.checkpoint)
+#
+# OUT.state/step-N holds everything that decides steps N+1, N+2, ...: the weights and the optimizer state (each
+# process writes its own shards, nothing is gathered), the schedule's state, each process's random state, the
+# reference log-probs (not recomputed) and, in train_state.json, the settings, the step reached (the position
+# in the data schedule, which make_schedule derives from the settings) and the log lines so far.
+
+STATE_NAME = re.compile(r"step-(\d+)")
+
+
+def latest_state(out, settings, run):
+    """The newest complete training state an interrupted run left in OUT.state, or None. A save cut short
+    (OUT.state/step-N.tmp) is never read (rank 0 removes it); a state of other settings is refused, as a
+    finished OUT is."""
+    root = out + ".state"
+    if not os.path.isdir(root):
+        return None
+    names = os.listdir(root)
+    if run.master:
+        for name in names:
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name))
+    done = [n for n in names if STATE_NAME.fullmatch(n)]
+    if not done:
+        return None
+    path = os.path.join(root, max(done, key=lambda n: int(STATE_NAME.fullmatch(n)[1])))
+    with open(os.path.join(path, "train_state.json")) as f:
+        check_settings(json.load(f)["settings"], settings, f"--out {out}: the training state {path}",
+                       f"use another --out or delete {root}")
+    return path
+
+
+def rng_state(run):
+    """This process's random state (dropout draws from it)."""
+    import torch
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)}
+                                              if run.device.type == "cuda" else {})}
+
+
+def save_state(out, step, model, opt, sched, ref, history, seconds, settings, run):
+    """The training state after `step` optimizer steps, as OUT.state/step-N. Every process calls it and writes
+    its own shards (DCP); it is written as step-N.tmp and renamed when complete, and only then is the previous
+    state removed: a kill at any moment leaves the last complete state in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    t0, root = time.time(), out + ".state"
+    final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f"step-{step}.tmp")
+    model_state, opt_state = get_state_dict(model, opt)  # FSDP: this process's shards, as DTensors
+    model_state = {k: v for k, v in model_state.items() if k not in tied_names(model)}  # a tied weight once
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: as meant
+        dcp.save({"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(), "ref": ref,
+                  "rng": {f"rank{run.rank}": rng_state(run)}}, checkpoint_id=tmp, no_dist=not run.ddp)
+    if not run.master:  # dcp.save returns once every process's shards and the index (.metadata) are written
+        return
+    fault_point("state-shards")
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump({"settings": settings, "step": step, "processes": run.world, "train_seconds": seconds,
+                   "log": history}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+    for name in os.listdir(root):
+        if name != os.path.basename(final) and STATE_NAME.fullmatch(name):
+            shutil.rmtree(os.path.join(root, name))
+    run.print(f"train: training state after step {step} -> {final} ({time.time() - t0:.1f}s)")
+
+
+def load_state(path, model, opt, sched, ref_shape, run):
+    """Restore what save_state wrote into the model, optimizer and schedule just made: (step, ref, log lines,
+    training seconds so far). On another number of processes DCP reshards the weights and optimizer state
+    (the global batches do not depend on it); the random state of a process that did not exist then is rank 0's."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with open(os.path.join(path, "train_state.json")) as f:
+        meta = json.load(f)
+    mine = f"rank{run.rank if run.rank < meta['processes'] else 0}"
+    tied = tied_names(model)  # saved once
+    model_state, opt_state = get_state_dict(model, opt)  # the tensors to load into (the optimizer's state made)
+    state = {"model": {k: v for k, v in model_state.items() if k not in tied}, "optimizer": opt_state,
+             "scheduler": sched.state_dict(), "ref": torch.zeros(ref_shape, dtype=torch.float64),
+             "rng": {mine: rng_state(run)}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not run.ddp)
+    state["model"].update({name: state["model"][first] for name, first in tied.items()})
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    model.train()  # as reference_logps leaves it (from_pretrained gives eval mode: no dropout)
+    torch.set_rng_state(state["rng"][mine]["cpu"])
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"][mine]["cuda"], run.device)
+    if meta["processes"] != run.world:
+        run.print(f"train: the state was saved by {meta['processes']} processes, this run has {run.world}: weights "
+                  "and optimizer state resharded; the data order is the same, dropout's random draws are not")
+    return meta["step"], state["ref"], meta["log"], meta["train_seconds"]
+
+
+def remove_state(out, run):
+    """OUT.state, once OUT is complete: nothing is left to resume."""
+    if run.master and os.path.isdir(out + ".state"):
+        shutil.rmtree(out + ".state")
 
 
 # -----------------------------------------------------------------------------
@@ -674,6 +793,13 @@ def parser():
     ap.add_argument("--attn-implementation", default=None, help="passed to from_pretrained: eager, sdpa, "
                     "flash_attention_2 (default: transformers' choice). Gemma-2 needs eager: the others skip its "
                     "attention-logit soft-capping")
+    # long runs
+    ap.add_argument("--save-every", type=int, default=50, help="optimizer steps between training states "
+                    "(OUT.state/, sharded with torch.distributed.checkpoint) that a rerun resumes from; 0: none. The "
+                    "recipe's ~312 steps per iteration save 6 times; one save of a 7B model is ~58 GB")
+    ap.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default="tensorboard",
+                    help="where each step's metrics also go, to watch a run live (OUT's directory/tensorboard); "
+                    "a reporter that cannot start warns and the run goes on")
     return ap
 
 
@@ -683,9 +809,9 @@ def check_args(args, world):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not (args.lr > 0 and args.eta > 0 and 0 <= args.warmup_ratio < 1 and args.max_grad_norm >= 0
-            and args.dist_timeout_minutes > 0):
-        raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1, --max-grad-norm >= 0 and "
-                         "--dist-timeout-minutes > 0")
+            and args.dist_timeout_minutes > 0 and args.save_every >= 0):
+        raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1, --max-grad-norm >= 0, "
+                         "--dist-timeout-minutes > 0 and --save-every >= 0")
     if args.loss != "sppo" and args.select != "best-worst":
         raise InputError(f"--loss {args.loss} compares a winner with a loser: it needs --select best-worst")
     if args.max_prompt_length >= args.max_length:
@@ -749,6 +875,99 @@ def write_reference_logps(path, examples, ref):
                 f.write(json.dumps({"id": e["id"], "response": i, "logp": lp, "tokens": len(a)}) + "\n")
 
 
+def start_log(tmp, examples, ref, history, run):
+    """OUT.tmp with reference_logps.jsonl and train_log.jsonl holding the steps done so far (a resumed run's,
+    from its state: the steps after it are appended, none doubled); rank 0's open log, None elsewhere."""
+    if not run.master:
+        return None
+    os.makedirs(tmp)
+    write_reference_logps(os.path.join(tmp, "reference_logps.jsonl"), examples, ref)
+    log = open(os.path.join(tmp, "train_log.jsonl"), "w")
+    log.writelines(json.dumps(h) + "\n" for h in history)
+    return log
+
+
+def log_step(last, n_steps, log, report, run):
+    """One step's metrics, everywhere they go: train_log.jsonl, the console, and the reporter (TensorBoard, W&B)."""
+    if not run.master:
+        return
+    log.write(json.dumps(last) + "\n")
+    log.flush()
+    fault_point("train-step")
+    print(f"step {last['step']}/{n_steps}  loss {last['loss']:.3e}  log-ratio {last['log_ratio']:+.3f}  "
+          f"target {last['target']:+.3f}  (W>1/2 {last['log_ratio_pos']:+.3f}, W<1/2 {last['log_ratio_neg']:+.3f})"
+          f"  |g| {last['grad_norm']:.2e}  lr {last['lr']:.1e}  {last['tokens_per_s']:.0f} tok/s",
+          file=sys.stderr, flush=True)
+    report({f"train/{k}": v for k, v in last.items() if k not in ("step", "epoch")}
+           | {"train/peak_memory_gb": run.local_peak_memory() / 2**30}, last["step"])
+
+
+# -----------------------------------------------------------------------------
+# watching a run live: TensorBoard or Weights & Biases, beside train_log.jsonl
+
+class Reporter:
+    """report(metrics, step) sends named numbers to TensorBoard or W&B (rank 0 only); close() flushes. One that
+    fails warns once and stops: a run never fails because of its dashboard."""
+
+    def __init__(self, kind, send=None, close=None):
+        self.kind, self.send, self.closer = kind, send, close
+
+    def __call__(self, metrics, step):
+        if self.send is not None:
+            try:
+                self.send(metrics, step)
+            except Exception as e:  # a dashboard's library can raise anything; none of it may stop training
+                self.fail(e)
+
+    def fail(self, e):
+        print(f"warning: --report-to {self.kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+              "training goes on without it", file=sys.stderr, flush=True)
+        self.send = self.closer = None
+
+    def close(self):
+        if self.closer is not None:
+            try:
+                self.closer()
+            except Exception as e:
+                self.fail(e)
+
+
+def report_dir(out):
+    """Where TensorBoard writes: OUT's directory/tensorboard (run_loop.sh: one run per iteration,
+    `tensorboard --logdir runs/NAME` shows them side by side); W&B writes its own wandb/ beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(out)), "tensorboard")
+
+
+def start_reporter(args, settings, examples, data_stats, start, run):
+    """The run's Reporter, the iteration's data already sent (at step 0): prompts, what was cut or skipped, and
+    the distribution of the trained responses' win rates W."""
+    if args.report_to == "none" or not run.master:
+        return Reporter(args.report_to)
+    try:
+        if args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            # purge_step: a resumed run hides the steps after its state that the killed run had logged
+            writer = SummaryWriter(report_dir(args.out), purge_step=start + 1 if start else None, flush_secs=10)
+            send = lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()]  # noqa: E731
+            report = Reporter("tensorboard", send, writer.close)
+        else:
+            import wandb  # offline with WANDB_MODE=offline; the run id follows OUT, so a resumed run continues it
+            wb = wandb.init(project="sppo", name=args.out, dir=os.path.dirname(report_dir(args.out)), config=settings,
+                            resume="allow", id=hashlib.sha1(os.path.abspath(args.out).encode()).hexdigest()[:16])
+            report = Reporter("wandb", lambda metrics, step: wb.log(metrics, step=step), wb.finish)
+    except Exception as e:  # not installed, no account, a bad directory: warn and train
+        Reporter(args.report_to).fail(e)
+        return Reporter(args.report_to)
+    if not start:
+        w = sorted(x for e in examples for x in e["win_rate"])
+        report({"data/prompts": len(examples), "data/responses": len(w), "data/cut_prompts": data_stats["cut_prompts"],
+                "data/cut_responses": data_stats["cut_responses"],
+                "data/skipped_prompts": sum(data_stats["skipped_prompts"].values()),
+                "data/win_rate_mean": sum(w) / len(w),
+                **{f"data/win_rate_p{q}": w[round(q / 100 * (len(w) - 1))] for q in (0, 10, 50, 90, 100)}}, 0)
+    return report
+
+
 def main():
     args = parser().parse_args()
     micro = check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
@@ -757,7 +976,9 @@ def main():
     run = start_processes(args.dtype, args.dist_timeout_minutes)  # imports torch: after the checks, so bad input fails in a blink
     settings = run_settings(args, run.dtype)
     if finished_earlier(args.out, settings):
+        remove_state(args.out, run)  # left by a kill between OUT's rename and the state's removal
         return run.print(f"train: {args.out} exists, nothing to do")
+    resume = latest_state(args.out, settings, run)  # OUT.state/step-N of an interrupted run, or None
     tok = load_tokenizer(args.model)
     examples, data_stats = load_examples(tok, records, args, run)
     steps = make_schedule(examples, args.epochs, args.batch_size, micro, args.seed)
@@ -769,47 +990,49 @@ def main():
     torch.manual_seed(args.seed)
     tmp = args.out + ".tmp"
     if run.master and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # what an interrupted run left: start cleanly
+        shutil.rmtree(tmp)  # what an interrupted run left: made again below (from its training state, if any)
     model = load_model(args, run)
     params, opt, sched = make_optimizer(model, args, len(steps))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    # log pi_t(y|x), once, before any update
-    t0 = time.time()
-    ref = reference_logps(model, examples, steps[:epoch_steps], pad, run)
+    # log pi_t(y|x), once, before any update; a resumed run takes them, and all it had reached, from its state
+    t0, shape = time.time(), (len(examples), len(examples[0]["responses"]))
+    if resume:
+        start, ref, history, seconds = load_state(resume, model, opt, sched, shape, run)
+        run.print(f"train: resumed after step {start}/{len(steps)} from {resume} in {time.time() - t0:.1f}s")
+    else:
+        start, history, seconds = 0, [], 0.0
+        ref = reference_logps(model, examples, steps[:epoch_steps], pad, run)
+        run.print(f"train: reference log-probs of {ref.numel()} responses in {time.time() - t0:.1f}s")
     win = torch.tensor([e["win_rate"] for e in examples], dtype=torch.float64)
-    run.print(f"train: reference log-probs of {ref.numel()} responses in {time.time() - t0:.1f}s")
-    if run.master:
-        os.makedirs(tmp)
-        write_reference_logps(os.path.join(tmp, "reference_logps.jsonl"), examples, ref)
-        log = open(os.path.join(tmp, "train_log.jsonl"), "w")
+    log = start_log(tmp, examples, ref, history, run)
+    report = start_reporter(args, settings, examples, data_stats, start, run)
 
-    # minimise (log pi(y|x) - log pi_t(y|x) - eta (W(y) - 1/2))^2, one optimizer step per global batch
-    t_train, total_tokens, last = time.time(), 0, {}
-    for s, step in enumerate(steps):
+    # minimise (log pi(y|x) - log pi_t(y|x) - eta (W(y) - 1/2))^2, one optimizer step per global batch;
+    # every --save-every steps, the training state that a rerun resumes from
+    t_train = time.time() - seconds
+    for s in range(start, len(steps)):
         t1 = time.time()
-        stats, n_resp = train_step(model, examples, step, ref, win, pad, args, run)
+        stats, n_resp = train_step(model, examples, steps[s], ref, win, pad, args, run)
         grad_norm, lr = optimizer_step(params, opt, sched, args.max_grad_norm)
-        last = step_log(s, epoch_steps, stats, n_resp, grad_norm, lr, time.time() - t1)
-        total_tokens += last["tokens"]
-        if run.master:
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            fault_point("train-step")
-        run.print(f"step {s + 1}/{len(steps)}  loss {last['loss']:.3e}  log-ratio {last['log_ratio']:+.3f}  "
-                  f"target {last['target']:+.3f}  (W>1/2 {last['log_ratio_pos']:+.3f}, W<1/2 {last['log_ratio_neg']:+.3f})"
-                  f"  |g| {last['grad_norm']:.2e}  lr {lr:.1e}  {last['tokens_per_s']:.0f} tok/s")
+        history.append(step_log(s, epoch_steps, stats, n_resp, grad_norm, lr, time.time() - t1))
+        log_step(history[-1], len(steps), log, report, run)
+        if args.save_every and (s + 1) % args.save_every == 0 and s + 1 < len(steps):
+            save_state(args.out, s + 1, model, opt, sched, ref, history, time.time() - t_train, settings, run)
     train_s = time.time() - t_train
 
     # OUT.tmp, then OUT
     if run.master:
         log.close()
+    report.close()
+    total_tokens = sum(h["tokens"] for h in history)
     peak = run.peak_memory()
     stats = {"steps": len(steps), "prompts": len(examples), "responses_per_prompt": ref.shape[1],
-             "tokens": total_tokens, "train_seconds": round(train_s, 2), "final_loss": last.get("loss"),
+             "tokens": total_tokens, "train_seconds": round(train_s, 2), "final_loss": history[-1]["loss"],
              "tokens_per_s": round(total_tokens / max(train_s, 1e-9), 1), **data_stats, "processes": run.world,
              "device": run.device.type, "peak_memory_gb": round(peak / 2**30, 3), "peak_memory_kind": run.memory_kind}
     save_checkpoint(model, tok, args, run, tmp, {"settings": settings, "stats": stats})
+    remove_state(args.out, run)
     run.finish()
     run.print(f"train: {len(steps)} steps, {total_tokens} tokens in {train_s:.1f}s ({total_tokens / max(train_s, 1e-9):.0f} "
               f"tokens/s), peak memory {peak / 2**30:.2f} GB ({run.memory_kind}) -> {args.out}")

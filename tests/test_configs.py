@@ -18,7 +18,8 @@ FLAGS = {"K": (generate, "k"), "TEMPERATURE": (generate, "temperature"), "TOP_P"
          "BATCH": (train_sppo, "batch_size"), "MICRO_BATCH": (train_sppo, "micro_batch_size"),
          "OPTIMIZER": (train_sppo, "optimizer"), "WARMUP": (train_sppo, "warmup_ratio"),
          "MAX_LENGTH": (train_sppo, "max_length"), "MAX_PROMPT_LENGTH": (train_sppo, "max_prompt_length"),
-         "SELECT": (train_sppo, "select"), "TRAIN_SEED": (train_sppo, "seed"), "LOSS": (train_sppo, "loss")}
+         "SELECT": (train_sppo, "select"), "TRAIN_SEED": (train_sppo, "seed"), "LOSS": (train_sppo, "loss"),
+         "SAVE_EVERY": (train_sppo, "save_every"), "REPORT_TO": (train_sppo, "report_to")}
 
 
 def config(name, **env):
