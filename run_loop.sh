@@ -57,17 +57,19 @@ die() { echo "run_loop: stage '$1' failed (iteration $t); see $2" >&2; tail -n 3
 # shard_launcher S W: the command prefix (in LAUNCH) that starts shard S of a stage giving each shard W GPUs.
 # With GPUs it sees only its W devices (the S-th W of DEVICES on its node) and has its own vLLM cache directory
 # unless the user set VLLM_CACHE_ROOT: every vLLM process calls itself rank 0, and eight of them compiling into
-# one torch.compile cache collide. Under SLURM it runs as a one-task job step on node S / (shards per node).
+# one torch.compile cache collide (under SLURM the directory names the node too: home directories are shared).
+# Under SLURM it runs as a one-task job step on node S / (shards per node).
 shard_launcher() {
-    local s=$1 w=$2 per_node=$(( NPROC / $2 )) devices
+    local s=$1 w=$2 per_node=$(( NPROC / $2 )) devices node=
     LAUNCH=()
     if (( ${#NODES[@]} )); then
-        LAUNCH=(srun --nodes=1 --ntasks=1 --nodelist="${NODES[s / per_node]}" --overlap --input=none --quiet)
+        node=${NODES[s / per_node]}
+        LAUNCH=(srun --nodes=1 --ntasks=1 --nodelist="$node" --overlap --input=none --quiet)
     fi
     if (( GPUS > 0 )); then
         devices=$(IFS=,; echo "${DEVICES[*]:(s % per_node) * w:w}")
         LAUNCH+=(env CUDA_VISIBLE_DEVICES="$devices"
-                 VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/device-$devices}")
+                 VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/${node:+$node-}device-$devices}")
     fi
 }
 

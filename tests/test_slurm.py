@@ -22,7 +22,7 @@ if args[:1] == ["common.py"]:
     os.execv(sys.executable, [sys.executable, *args])
 with open(os.environ["SPY_LOG"], "a") as f:
     f.write(json.dumps({{"args": args, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                        "srun": os.environ.get("SPY_SRUN")}}) + "\\n")
+                        "cache": os.environ.get("VLLM_CACHE_ROOT"), "srun": os.environ.get("SPY_SRUN")}}) + "\\n")
 out = args[args.index("--out") + 1]
 if any(a.endswith("train_sppo.py") for a in args):
     os.makedirs(out)
@@ -91,6 +91,9 @@ def test_shards_over_every_gpu_of_every_node_with_tp_gpus_per_engine(tmp_path, n
     want = [(node, ",".join(VISIBLE[j * tp:(j + 1) * tp])) for node in nodes for j in range(8 // tp)]
     gen = shards_of(calls, "generate.py")
     assert [(s, n, d) for s, n, d, _ in gen] == [(f"{i}/{len(want)}", *w) for i, w in enumerate(want)]
+    # each engine its own vLLM cache: two nodes' "device 0" must not share one in a shared home directory
+    caches = [c["cache"] for c in calls if any(a.endswith("generate.py") for a in c["args"])]
+    assert sorted(os.path.basename(c) for c in caches) == sorted(f"{node}-device-{d}" for node, d in want)
     for *_, args in gen:
         assert ("--tensor-parallel-size" in args) == (tp > 1)
         if tp > 1:
@@ -248,3 +251,16 @@ def test_two_node_loop_equals_one_node_and_a_lost_node_resumes(world, cluster, t
         assert w1.keys() == w2.keys()
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k])
+
+
+def test_memory_arithmetic_counts_the_published_parameters():
+    """bench/bench_cluster_memory.py's parameter counts are the models' published ones (their model cards), and
+    the sharded state is 12 bytes a parameter over the processes, worked by hand for Llama-3-70B over 16 GPUs."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_cluster_memory as b
+    assert b.parameters(b.MODELS["Meta-Llama-3-70B-Instruct"])[0] == 70_553_706_496
+    assert b.parameters(b.MODELS["gemma-2-27b-it"])[0] == 27_227_128_320
+    assert b.parameters(b.MODELS["Mistral-7B-Instruct-v0.2"])[0] == 7_241_732_096
+    parts = b.sharded_memory(b.MODELS["Meta-Llama-3-70B-Instruct"], 16)
+    assert parts["sharded weights+grads+RMSprop"] == pytest.approx(12 * 70_553_706_496 / 16 / 1e9)  # 52.9 GB
+    assert parts["root bf16 + its grads"] == pytest.approx(6 * (2 * 128_256 * 8192 + 8192) / 1e9)
