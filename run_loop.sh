@@ -5,6 +5,7 @@
 #   bash run_loop.sh configs/tiny.env                       # the CPU demo (make demo)
 #   bash run_loop.sh configs/mistral7b.env                  # the released recipe on one 8-GPU box
 #   GPUS=1 N_PROMPTS=500 bash run_loop.sh configs/mistral7b.env   # any setting can come from the environment
+#   GPUS=8 sbatch -N 2 examples/slurm/sppo.sbatch configs/mistral7b.env   # 2 nodes under SLURM (docs/cluster.md)
 #
 # Every stage writes its output under a temporary name and renames it when complete, so a rerun skips
 # what is finished and resumes what is not. Logs: $OUT/iterT/logs/STAGE*.log.

@@ -180,8 +180,17 @@ def cluster(tmp_path_factory):
     finally:
         pids = [int(f.read_text()) for f in d.glob("*.pid")]
         subprocess.run(["bash", script, "stop", str(d)], timeout=120)
-        alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+        alive = [pid for pid in pids if running(pid)]
         assert not alive, f"daemons still running after stop: {alive}"
+
+
+def running(pid):
+    """Alive and not a zombie (a stopped daemon can wait a moment for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # $PYTHON on the cluster: records the node each stage ran on, and the first time generate.py starts on n2 it is

@@ -14,11 +14,15 @@ cmd=${1:-}; dir=${2:-}
 mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
 export SLURM_CONF=$dir/slurm.conf
 
+running() {  # running PID: alive and not a zombie (an exited daemon waits for init to reap it)
+    local state; state=$(ps -o stat= -p "$1" 2> /dev/null) && [[ $state != Z* ]]
+}
+
 stop_pid_file() {  # stop_pid_file FILE: TERM the daemon it names, wait up to 20 s, then KILL
     [ -f "$1" ] || return 0
     local pid; pid=$(cat "$1")
     if [ -n "$pid" ] && kill "$pid" 2> /dev/null; then
-        for _ in $(seq 100); do kill -0 "$pid" 2> /dev/null || break; sleep 0.2; done
+        for _ in $(seq 100); do running "$pid" || break; sleep 0.2; done
         kill -9 "$pid" 2> /dev/null || true
     fi
     rm -f "$1"
