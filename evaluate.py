@@ -1,4 +1,5 @@
-"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM, AlpacaEval-style.
+"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM (or a reward model or an LLM
+judge: --ranker, --ranker-kind; docs/preference-models.md), AlpacaEval-style.
 
     python evaluate.py --models base=runs/tiny/world/policy iter1=runs/tiny/iter1/checkpoint \
         iter2=runs/tiny/iter2/checkpoint --prompts runs/tiny/world/eval_prompts.jsonl \
@@ -13,7 +14,8 @@
    does not know goes to generate.py (--max-tokens, --engine, --kv-cache-gb, --temperature, --seed, ...).
    vLLM's INFO log is kept quiet unless --verbose.
 2. Each model against the baseline (one of --models, or --reference-outputs), both orders through PairRM:
-   outcome o = (sigmoid(M(model, base)) + 1 - sigmoid(M(base, model))) / 2, a soft win in [0, 1]. Identical
+   outcome o = (sigmoid(M(model, base)) + 1 - sigmoid(M(base, model))) / 2, a soft win in [0, 1] (a reward model's
+   M(a, b) = r_a - r_b gives o = sigmoid(r_model - r_base); a judge's M = log p(A) - log p(B)). Identical
    responses are a tie (o = 1/2) without asking the ranker. Judgments are cached in OUT/judgments/.
 3. Win rate = mean(o) (a tie counts 1/2) with its standard error; length-controlled win rate = sigmoid(b0) of
    the logistic fit o ~ sigmoid(b0 + b1 tanh(d / sd(d))), d = len(model) - len(base) in characters: the win
@@ -37,7 +39,9 @@ import time
 import numpy as np
 
 from common import InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, progress, prompt_id, read_jsonl
-from pairrm import DTYPES, check_ranker_path, sigmoid  # numpy only: importing pairrm loads no model code
+from pairrm import DTYPES, sigmoid  # numpy only: importing pairrm or preference loads no model code
+from preference import JUDGE_TEMPLATE, KINDS, check_preference_path, detect_kind, read_judge_template
+from preference import settings as kind_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -193,10 +197,11 @@ def judge(name, base_name, rows, args, ranker):
     """Soft outcomes of `name` against the baseline for rows [(id, prompt, response, base_response)].
 
     Cached in OUT/judgments/NAME_vs_BASE.jsonl, one record per (id, response, base response): a changed
-    response is judged again, an unchanged one never. `ranker` is a function that loads PairRM once."""
+    response is judged again, an unchanged one never. `ranker` is a function that loads the preference model once."""
     path = os.path.join(args.out, "judgments", f"{name}_vs_{base_name}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    writer = ResumableWriter(path, {"ranker": args.ranker}, "judge")
+    writer = ResumableWriter(path, {"ranker": args.ranker, **kind_settings(args.ranker_kind, args.judge_template_text)},
+                             "judge")
     keys = [f"{rid}:{text_hash(a)}:{text_hash(b)}" for rid, _, a, b in rows]
     todo = [(k, row) for k, row in zip(keys, rows) if k not in writer.done]
     print(f"judge: {name} vs {base_name}: {len(rows)} prompts, {len(rows) - len(todo)} cached, {len(todo)} to do",
@@ -206,13 +211,12 @@ def judge(name, base_name, rows, args, ranker):
         writer.write(new)
     todo = [(k, row) for k, row in todo if row[2] != row[3]]
     if todo:
-        from pairrm import pair_logits
-        model, tokenizer = ranker()
+        preference = ranker()
         bar = progress(total=2 * len(todo), desc=f"judge {name}", unit="pair")
         for start in range(0, len(todo), args.write_every):
             part = todo[start:start + args.write_every]
             pairs = [(x, a, b) for _, (_, x, a, b) in part] + [(x, b, a) for _, (_, x, a, b) in part]
-            m = pair_logits(model, tokenizer, pairs, batch_size=args.batch_size, device=args.device, progress_bar=bar)
+            m = preference.pair_logits(pairs, progress_bar=bar)
             m_ab, m_ba = m[:len(part)], m[len(part):]
             writer.write([{"id": k, "logits": [float(x), float(y)], "outcome": float(outcome(x, y))}
                           for (k, _), x, y in zip(part, m_ab, m_ba)])
@@ -251,8 +255,9 @@ def alpaca_eval_misaligned(reference, instructions):
     return not (reference is not None and len(reference) == 805 and list(reference) == list(instructions))
 
 
-def markdown_table(results, base_name, ranker):
-    lines = [f"Win rates against **{base_name}**, judged by `{ranker}` (both orders; a tie counts 1/2). "
+def markdown_table(results, base_name, ranker, kind="pairrm"):
+    judged = f"`{ranker}`" + ("" if kind == "pairrm" else f" ({'reward model' if kind == 'reward' else 'LLM judge'})")
+    lines = [f"Win rates against **{base_name}**, judged by {judged} (both orders; a tie counts 1/2). "
              "LC: length-controlled.", "",
              "| model | LC win rate (%) | win rate (%) | mean length (chars) | n |", "|---|---|---|---|---|"]
     for name, r in results.items():
@@ -290,16 +295,23 @@ def parser():
     ap.add_argument("--prompts", default=None, help="JSONL of {id, prompt}, or a hub dataset with a prompt column "
                     "(default with --reference-outputs: its instructions)")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="PairRM hub id or local directory")
+    ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the judge: hub id or local directory of PairRM, "
+                    "a reward model or an instruct LLM")
+    ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto",
+                    help="pairrm, reward or judge (default: read from its config.json)")
+    ap.add_argument("--judge-template", default=JUDGE_TEMPLATE, help="an LLM judge's prompt, with {prompt}, {first} "
+                    "and {second} (default: configs/judge-prompt.txt)")
     ap.add_argument("--baseline", default=None, help="the NAME in --models every model is judged against (default: "
                     "the first); with --reference-outputs, the reference's name (default: its generator field)")
     ap.add_argument("--reference-outputs", default=None, help="AlpacaEval-style JSON [{instruction, output}] as the "
                     "baseline, matched to prompts by instruction text; a prompt without one is an error")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     # judging
-    ap.add_argument("--batch-size", type=int, default=None, help="PairRM rows per forward (default: 32 cuda, 8 cpu)")
-    ap.add_argument("--device", default=None, help="PairRM device (default: cuda when available)")
-    ap.add_argument("--ranker-dtype", choices=DTYPES, default=None, help="default: rank.py's (fp16 on cuda, fp32 on cpu)")
+    ap.add_argument("--batch-size", type=int, default=None, help="ranker rows per forward (default: 32 cuda, 8 cpu)")
+    ap.add_argument("--device", default=None, help="ranker device (default: cuda when available; a judge runs where "
+                    "vLLM does)")
+    ap.add_argument("--ranker-dtype", choices=DTYPES, default=None, help="default: rank.py's (fp16 for PairRM and bf16 "
+                    "for the others on cuda, fp32 on cpu)")
     ap.add_argument("--write-every", type=int, default=256, help="prompts per judging chunk; finished ones are saved")
     ap.add_argument("--verbose", action="store_true", help="show vLLM's INFO log while generating")
     return ap
@@ -337,7 +349,9 @@ def check_inputs(args):
             more = ", ..." if len(missing) > 5 else ""
             raise InputError(f"--reference-outputs {args.reference_outputs}: no output for {len(missing)} of "
                              f"{len(prompts)} prompts (ids {', '.join(missing[:5])}{more})")
-    check_ranker_path(args.ranker)
+    args.ranker_kind = detect_kind(args.ranker, args.ranker_kind)
+    args.judge_template_text = read_judge_template(args.judge_template) if args.ranker_kind == "judge" else None
+    check_preference_path(args.ranker, args.ranker_kind)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -348,17 +362,18 @@ def check_inputs(args):
 
 
 def ranker_loader(args):
-    """A function that loads PairRM on its first call: a rerun with every judgment cached never loads it (or torch)."""
+    """A function that loads the preference model on its first call: a rerun with every judgment cached never loads
+    it (or torch)."""
     loaded = []
 
     def ranker():
         if not loaded:
             import torch
-            from pairrm import default_batch_size, default_dtype, load_ranker
+            from preference import default_dtype_for, load_preference
             args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            args.batch_size = args.batch_size or default_batch_size(args.device)
-            dtype = args.ranker_dtype or default_dtype(args.device)
-            loaded.append(load_ranker(args.ranker, device=args.device, dtype=dtype))
+            dtype = args.ranker_dtype or default_dtype_for(args.ranker_kind, args.device)
+            loaded.append(load_preference(args.ranker, args.ranker_kind, args.device, dtype, args.batch_size,
+                                          args.judge_template_text))
         return loaded[0]
     return ranker
 
@@ -409,9 +424,9 @@ def main():
 
     # 3. write
     write_json(os.path.join(args.out, "results.json"),
-               {"baseline": base_name, "ranker": args.ranker, "prompts": args.prompts or args.reference_outputs,
+               {"baseline": base_name, "ranker": args.ranker, "ranker_kind": args.ranker_kind, "prompts": args.prompts or args.reference_outputs,
                 "n_prompts": len(kept), "length_unit": "characters", "models": results})
-    table = markdown_table(results, base_name, args.ranker)
+    table = markdown_table(results, base_name, args.ranker, args.ranker_kind)
     write_text(os.path.join(args.out, "results.md"), table)
     plot(os.path.join(args.out, "winrate.png"), results, base_name)
     for name, _ in models:

@@ -1,4 +1,5 @@
-"""Stage 2 of SPPO: the KxK head-to-head preference matrix of each prompt's responses, by PairRM.
+"""Stage 2 of SPPO: the KxK head-to-head preference matrix of each prompt's responses, by PairRM (or another
+preference model: a reward model or an LLM judge, --ranker-kind; preference.py, docs/preference-models.md).
 
     python rank.py --in runs/tiny/iter1/generated.jsonl --out runs/tiny/iter1/ranked.jsonl --ranker runs/tiny/world/ranker
     # one process per GPU, each on its own shard; `cat` the outputs afterwards:
@@ -16,6 +17,10 @@ K(K-1) forwards of batch size 1 per prompt).
 probability from both orders of the pair. --prob-mode bt: the released code's Bradley-Terry shortcut
 P_ij = sigmoid(s_i - s_j), s_i = mean_j (M_ij - M_ji), which depends on the other candidates.
 
+Another kind gives its own logits M through the same both-orders formula: a reward model M_ij = r_i - r_j (so
+P_ij = sigmoid(r_i - r_j), and mean_j M_ij = r_i - mean(r), the centred reward); an LLM judge M_ij =
+log p(A) - log p(B) asked with y_i as answer A. --prob-mode bt is PairRM's release formula and PairRM's only.
+
 PairRM reads the plain prompt as its source. --source-template MODEL gives it what the released code gives
 it instead: the prompt through MODEL's chat template, cut before the answer (release_source).
 """
@@ -27,8 +32,10 @@ import numpy as np
 
 from common import (InputError, ResumableWriter, check_paths, field, load_tokenizer, main_guard, parse_shard, progress,
                     prompt_id, read_jsonl, take_shard)
-from pairrm import (DTYPES, SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, default_batch_size,
-                    default_dtype, load_ranker, pair_logits, sigmoid)
+from pairrm import DTYPES, default_batch_size, sigmoid
+from preference import (JUDGE_TEMPLATE, KINDS, check_preference_path, default_dtype_for, detect_kind, load_preference,
+                        read_judge_template)
+from preference import settings as kind_settings
 
 # -----------------------------------------------------------------------------
 # the math: numpy in, numpy out; M, P are [..., K, K]
@@ -112,12 +119,26 @@ def load_records(path):
     return records, k
 
 
+def ranker_kind(args):
+    """The preference model's kind (preference.py) and, for a judge, its prompt template; PairRM's own options
+    are refused for the other kinds."""
+    kind = detect_kind(args.ranker, args.ranker_kind)
+    if kind != "pairrm" and (args.prob_mode == "bt" or args.source_template):
+        raise InputError(f"--ranker {args.ranker} is a {kind} model: --prob-mode bt and --source-template are PairRM's")
+    return kind, read_judge_template(args.judge_template) if kind == "judge" else None
+
+
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in", dest="inp", required=True, help="generate.py's output JSONL")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="PairRM hub id or local directory")
-    ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise")
+    ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the preference model: hub id or local "
+                    "directory of PairRM, a reward model or an instruct LLM as judge")
+    ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto",
+                    help="pairrm, reward or judge (default: read from its config.json)")
+    ap.add_argument("--judge-template", default=JUDGE_TEMPLATE, help="a judge's prompt, with {prompt}, {first} and "
+                    "{second} (default: configs/judge-prompt.txt)")
+    ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise", help="bt: PairRM only")
     ap.add_argument("--batch-size", type=int, default=None, help="pair rows per forward (default: 32 cuda, 8 cpu)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda (the release's; ~10x "
@@ -146,8 +167,10 @@ def main():
             template = load_tokenizer(args.source_template)
         except InputError as e:  # load_tokenizer names the flag --model
             raise InputError(str(e).replace("--model ", "--source-template ", 1))
-    settings = {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k,
-                **({"source_template": args.source_template} if template else {})}  # (earlier runs have no key)
+    kind, judge_template = ranker_kind(args)
+    settings = {"ranker": args.ranker, "prob_mode": args.prob_mode, "k": k,  # (earlier runs have no key for these:)
+                **({"source_template": args.source_template} if template else {}),
+                **kind_settings(kind, judge_template)}
     writer = ResumableWriter(args.out, settings, "rank")
     for n, r in records:  # resuming: what was ranked must be these very responses (not an older generation's)
         old = writer.done.get(r["id"])
@@ -157,17 +180,18 @@ def main():
             why = f"generated with {name}={now.get(name)!r}, not {was.get(name)!r}" if name else "other responses"
             raise InputError(f"{args.inp}:{n}: record '{r['id']}' is not the one {args.out} ranked ({why}); "
                              "use another --out or delete the old output")
-    check_ranker_path(args.ranker)
+    check_preference_path(args.ranker, kind)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available")
-    dtype = args.dtype or default_dtype(device)
+    dtype = args.dtype or default_dtype_for(kind, device)
     batch_size = args.batch_size or default_batch_size(device)
     todo = [(n, r) for n, r in records if r["id"] not in writer.done]
     cells = ordered_pairs(k)
     print(f"rank: {len(records)} prompts in shard {args.shard}, {len(records) - len(todo)} already done, "
-          f"{len(todo)} to do, K={k}, {len(todo) * len(cells)} pairs, prob_mode={args.prob_mode}", file=sys.stderr)
+          f"{len(todo)} to do, K={k}, {len(todo) * len(cells)} pairs, prob_mode={args.prob_mode}, {kind} ranker",
+          file=sys.stderr)
 
     # --- rank
     source = {r["id"]: release_source(template, r["prompt"]) if template else r["prompt"] for _, r in todo}
@@ -178,17 +202,15 @@ def main():
                   "release does", file=sys.stderr)
     t0 = time.time()
     if todo:
-        model, tokenizer = load_ranker(args.ranker, device, dtype)
-        long = count_long_sources(tokenizer, list(source.values()))
-        if long:
-            print(f"warning: {long} prompts are longer than PairRM's {SOURCE_MAX_LENGTH}-token source limit; it reads "
-                  "the start of each (as llm-blender does)", file=sys.stderr)
+        ranker = load_preference(args.ranker, kind, device, dtype, batch_size, judge_template)
+        for warning in ranker.warnings(list(source.values())):
+            print(f"warning: {warning}", file=sys.stderr)
         t0 = time.time()
         bar = progress(total=len(todo) * len(cells), desc="rank", unit="pair")
         for start in range(0, len(todo), args.write_every):
             part = todo[start:start + args.write_every]
             pairs = [(source[r["id"]], r["responses"][i], r["responses"][j]) for _, r in part for i, j in cells]
-            flat = pair_logits(model, tokenizer, pairs, batch_size, device, bar)
+            flat = ranker.pair_logits(pairs, bar)
             out = []
             for p, (n, r) in enumerate(part):
                 M = np.zeros((k, k))

@@ -15,7 +15,7 @@ complete (it is written as OUT.tmp and renamed); a rerun with the same settings 
 nothing; with other settings it is refused.
 
 The objective (paper eq. 3.6, eta = 1/beta), per trained response y of prompt x, with W(y) its win rate
-against the other samples of pi_t:
+among the K samples of pi_t, its own P(y > y) = 1/2 included as released (rank.win_rates; docs/glossary.md):
     L = ( log pi_theta(y|x) - log pi_t(y|x) - eta * (W(y) - 1/2) )^2
 --select best-worst (default, the released code) trains the argmax and argmin of W per prompt;
 --select all trains every sampled response (the paper's Algorithm 1). The loss is the mean over the trained
@@ -77,8 +77,11 @@ def dpo_loss(ratio_w, ratio_l, eta):
 
 
 def ipo_loss(ratio_w, ratio_l, eta):
-    """IPO (TRL's convention):  ( ratio_w - ratio_l - 1/(2 beta) )^2: the gap regressed to a fixed margin eta/2.
-    At step 1 the loss is (eta/2)^2."""
+    """IPO:  ( ratio_w - ratio_l - 1/(2 beta) )^2: the gap regressed to a fixed margin eta/2. At step 1 the loss
+    is (eta/2)^2. The ratios are sums over the response tokens, as for SPPO and as the released trainer computes
+    its "ipo" loss (uclaml/SPPO sppo/trainer.py: average_log_prob=False), so the margin is in nats per response.
+    TRL's DPOTrainer (loss_type="ipo", 1.16) divides each completion's log-prob by its token count first, as the
+    IPO authors do: a margin in nats per token, which a long response reaches with a smaller change per token."""
     return (ratio_w - ratio_l - eta / 2) ** 2
 
 
@@ -485,8 +488,12 @@ def make_optimizer(model, args, total_steps):
     no-grad forward, and a list taken then would hold those views, not the sharded parameters that learn."""
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.RMSprop(params, lr=args.lr) if args.optimizer == "rmsprop"
-           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0))
+    # One process holds the whole model: torch's default step on a GPU (foreach) makes a temporary the size of the
+    # optimizer state all at once, 4 bytes a parameter, the peak of a one-GPU run (29 GB for a 7B model; BENCHMARKS.md
+    # section 8). One tensor at a time is the same math. (On a CPU that is torch's default; FSDP's shards are 1/N.)
+    one = {"foreach": False} if int(os.environ.get("WORLD_SIZE", 1)) == 1 else {}
+    opt = (torch.optim.RMSprop(params, lr=args.lr, **one) if args.optimizer == "rmsprop"
+           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **one))
     warmup = math.ceil(total_steps * args.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, args.schedule))
     return params, opt, sched

@@ -10,7 +10,7 @@ by logps.token_logps itself, one chunk buffer at a time). Activations, with grad
 layer recomputed in backward): each layer's fp32 input, rows x tokens x hidden x 4 bytes, plus one layer's
 recomputed intermediates at a time (MLP: about 8 bf16 tensors of rows x tokens x MLP width).
 
-The check: train_sppo.py (RMSprop, gradient checkpointing, one step) on random Llama models of the same width at two
+The check: train_sppo.py (RMSprop, gradient checkpointing, two steps of two micro-batches) on random Llama models of the same width at two
 depths, in fp32 and in bf16; the difference of their peak memories (VmHWM) divided by the difference of their
 parameter counts is the bytes a parameter that training holds, which the arithmetic predicts (12 in fp32, 12 + 2 x
 the linear share in bf16), with the fixed costs (imports, tokenizer, embeddings, activations) cancelling out.
@@ -43,22 +43,44 @@ def linear_params(m):
 
 
 def recipe_memory(m, tokens=1024):
-    """GB of one training process holding the whole model (GPUS=1), bf16 autocast, gradient checkpointing."""
+    """GB of one training process holding the whole model (GPUS=1), bf16 autocast, gradient checkpointing, at the
+    two peaks of a step: a micro-batch's forward/backward after the first (the earlier micro-batches' gradients, the
+    optimizer state and the autocast copies all alive), and the optimizer step (train_sppo steps one tensor at a
+    time in one process, so its temporary is the largest tensor's; torch's default on a GPU, foreach, would make
+    one the size of the whole optimizer state: 4 bytes a parameter more)."""
     linear = m["L"] * linear_params(m)
-    params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + m["V"] * m["H"] * (1 if m["tied"] else 2)
+    embed = m["V"] * m["H"]
+    params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + embed * (1 if m["tied"] else 2)
     rows = 2 * m["micro"]
-    parts = {"parameters (B)": params / 1e9,
-             "weights fp32": 4 * params / GB, "gradients fp32": 4 * params / GB, "RMSprop state": 4 * params / GB,
-             "autocast bf16 copies": 2 * linear / GB,
-             "checkpointed layer inputs": m["L"] * rows * tokens * m["H"] * 4 / GB,
-             "one layer recomputed": 8 * rows * tokens * m["I"] * 2 / GB,
-             "lm_head bf16 + logit chunks": (2 * m["V"] * m["H"] + 3 * 2**26) / GB}
-    parts["total"] = sum(v for k, v in parts.items() if k != "parameters (B)")
-    return parts
+    state = {"weights fp32": 4 * params / GB, "gradients fp32": 4 * params / GB, "RMSprop state": 4 * params / GB}
+    forward = {"autocast bf16 copies": 2 * linear / GB,
+               "checkpointed layer inputs": m["L"] * rows * tokens * m["H"] * 4 / GB,
+               "one layer recomputed": 8 * rows * tokens * m["I"] * 2 / GB,
+               "lm_head bf16 + logit chunks": (2 * embed + 3 * 2**26) / GB}
+    held = sum(state.values())
+    return {"parameters (B)": params / 1e9, **state, **forward, "forward peak": held + sum(forward.values()),
+            "step peak": held + 4 * embed / GB, "step peak, foreach": held + 4 * params / GB,
+            "total": held + max(sum(forward.values()), 4 * embed / GB)}
+
+
+def per_gpu(m, gpus, tokens=1024):
+    """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 (GPUS > 1) each holds 1/GPUS of the fp32 weights,
+    gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), the bf16 root (embeddings
+    and lm_head, gathered through the forward and backward), two decoder layers gathered in bf16 (the one running and
+    the one prefetched), and the same activations as one process (no autocast copies: FSDP casts each group)."""
+    if gpus == 1:
+        return recipe_memory(m, tokens)["total"]
+    r = recipe_memory(m, tokens)
+    layer = linear_params(m) + m["norms"] * m["H"]
+    root = m["V"] * m["H"] * (1 if m["tied"] else 2)
+    acts = r["checkpointed layer inputs"] + r["one layer recomputed"] + r["lm_head bf16 + logit chunks"]
+    return 16 * r["parameters (B)"] * 1e9 / gpus / GB + (2 * root + 2 * 2 * layer) / GB + acts
 
 
 def measure(args, tmp, layers, dtype):
-    """train_sppo.py's peak memory (GB, VmHWM) for one step on a random model with this many layers."""
+    """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers: two steps of two
+    micro-batches, so that the second micro-batch's forward runs with every term of the arithmetic alive (the first
+    micro-batch's gradients, the optimizer state of step 1, the autocast copies), as every step of the recipe does."""
     d = os.path.join(tmp, f"L{layers}")
     if not os.path.isdir(d):
         os.makedirs(d)
@@ -69,7 +91,8 @@ def measure(args, tmp, layers, dtype):
     out = os.path.join(d, f"ckpt-{dtype}")
     cmd = [sys.executable, os.path.join(ROOT, "train_sppo.py"), "--model", os.path.join(d, "policy"), "--data",
            os.path.join(d, "ranked.jsonl"), "--out", out, "--batch-size", str(args.pairs), "--micro-batch-size",
-           str(args.pairs), "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype", dtype, "--eta", "5"]
+           str(args.pairs // 2), "--epochs", "2", "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype",
+           dtype, "--eta", "5"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", SPPO_PROGRESS="0"))
     if p.returncode != 0:
         raise SystemExit(p.stderr[-2000:])
@@ -88,20 +111,26 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="100m", help="bench_train's model width (100m: hidden 1024, MLP 2816)")
     ap.add_argument("--layers", default="2,10", help="the two depths")
-    ap.add_argument("--pairs", type=int, default=4, help="pairs of one step (one micro-batch)")
+    ap.add_argument("--pairs", type=int, default=8, help="pairs of one step (two micro-batches)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a CPU)")
     ap.add_argument("--out", default="bench/results/memory_cpu.json")
     args = ap.parse_args()
     lo, hi = map(int, args.layers.split(","))
     recipes = {name: recipe_memory(m) for name, m in RECIPES.items()}
     table([{"model": n, **r} for n, r in recipes.items()],
           [("model", "one GPU, GB", "{}"), *((k, k, "{:.2f}") for k in next(iter(recipes.values())))])
-    live = LiveResults(args.out, ["fp32", "bf16"], benchmark="memory", machine=machine(), recipes=recipes,
+    dtypes = args.dtypes.split(",")
+    gpus = [1, 2, 4, 8]
+    table([{"model": n, **{f"GPUS={g}": per_gpu(m, g) for g in gpus}} for n, m in RECIPES.items()],
+          [("model", "GB per GPU", "{}"), *((f"GPUS={g}", f"GPUS={g}", "{:.1f}") for g in gpus)])
+    recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus}} for n, r in recipes.items()}
+    live = LiveResults(args.out, dtypes, benchmark="memory", machine=machine(), recipes=recipes,
                        command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
     shape = bench_train.SIZES[args.size]
     linear_share = (4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"]) / (
         4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"] + 2 * shape["hidden_size"])
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             (a, na), (b, nb) = measure(args, tmp, lo, dtype), measure(args, tmp, hi, dtype)
             predicted = 12 + (2 * linear_share if dtype == "bf16" else 0)
             live.data["checks"].append({"dtype": dtype, "layers": [lo, hi], "parameters": [na, nb], "peak_gb": [a, b],

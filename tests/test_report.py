@@ -1,8 +1,9 @@
 """examples/tiny/report.py on a hand-made run directory: two iterations, three held-out prompts, no models."""
 import json
 import os
+import sys
 
-from conftest import run_stage, write_jsonl
+from conftest import ROOT, run_stage, write_jsonl
 from evaluate import text_hash
 
 SIGN = "Hope this helps!"
@@ -19,7 +20,7 @@ def make_run(out, loss="sppo", eta=5.0, version=None):
         with open(os.path.join(world, "world.json"), "w") as f:
             json.dump({"version": version}, f)
     with open(os.path.join(out, "settings.txt"), "w") as f:
-        f.write(f"MODEL={world}/policy\nK=3\n")
+        f.write(f"MODEL={world}/policy\nK=3\nSEED=0\n")
     for t in (1, 2):
         ckpt = os.path.join(out, f"iter{t}", "checkpoint")
         os.makedirs(ckpt)
@@ -70,8 +71,13 @@ def test_report_writes_the_page_and_its_figures(tmp_path):
     assert "Prompt `e0`" in page
     assert f"| iter2 | Cats are soft. {SIGN} | 0.90 | +1 |" in page
     assert "| base | Um, cats are soft. | 0.50 | -1 |" in page
-    # Mean SPPO targets of the trained picks: eta (W - 1/2) over W = 0.8, 0.9 and over 0.2, 0.1.
-    assert "iteration 1: winners +1.00 (target +1.75), losers -1.00 (target -1.75)" in page
+    # Mean SPPO targets of the trained picks: eta (W - 1/2) over W = 0.8, 0.9 and over 0.2, 0.1; the last step's
+    # log-ratios (+1.00, -1.00) fall short of both.
+    assert "iteration 1: winners +1.00 against +1.75 (short of it), losers -1.00 against -1.75 (short of it)" in page
+    # The win rate is named for what it is, the mean of soft outcomes, with the share of prompts won beside it:
+    # iter1 wins e0 at 0.7 and ties e1, e2 (identical answers): (1 + 1/2 + 1/2) / 3; iter2 0.9, 0.9 and a tie.
+    assert "an *expected* win rate" in page and "share of prompts won (a tie counts half)" not in page
+    assert "| iter1 | 50.0 ± 0.0 | 66.7 |" in page and "| iter2 | 50.0 ± 0.0 | 83.3 |" in page
 
 
 def test_report_follows_a_chosen_prompt_a_pair_loss_and_world_v2(tmp_path):
@@ -111,3 +117,66 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     # the judge up, the hidden rule down ("Hope this helps!!" is no sign-off; a filler): said, with the numbers
     assert "DPO's win rate rose from iter1 to iter2 (50.0 to 60.0%) while its hidden score fell (+0.00 to -1.00)" in page
     assert "SPPO's win rate rose" not in page
+    # one run is one seed on one machine: the page says which, and where the findings over more runs are kept
+    assert "This is one run of each method: seed 0 (the loop's SEED)" in page
+    assert "docs/tiny-world-compare-claims.md" in page
+
+
+def rewrite(path, change):
+    """Edit a hand-made run's JSONL file record by record."""
+    records = [json.loads(line) for line in open(path)]
+    write_jsonl(path, [change(r) for r in records])
+
+
+def test_report_words_come_from_the_numbers(tmp_path):
+    """World v2 (whose page used to say 'narrows' whatever the run did): a spread of W that widens, losers that
+    end short of their target in iteration 1 and past it in iteration 2, a warm-up step at learning rate 0."""
+    run = str(tmp_path / "run")
+    make_run(run, version=2)
+    # iteration 2's samples further apart: W 0.1, 0.5, 0.9 on both prompts (iteration 1: 0.2, 0.5, 0.8 and 0.5, 0.1, 0.9)
+    rewrite(os.path.join(run, "iter2", "ranked.jsonl"),
+            lambda r: {**r, "win_rate": [0.1, 0.5, 0.9] if r["id"] == "p0" else [0.5, 0.1, 0.9]})
+    rewrite(os.path.join(run, "iter2", "checkpoint", "train_log.jsonl"),
+            lambda s: {**s, "log_ratio_neg": -1.25 * (s["step"] - 1)})  # -2.50 at the end, past -2.00
+    for t in (1, 2):
+        rewrite(os.path.join(run, f"iter{t}", "checkpoint", "train_log.jsonl"),
+                lambda s: {**s, "lr": 0.0 if s["step"] == 1 else 1e-4})
+    run_stage("examples/tiny/report.py", "--run", run)
+    page = open(os.path.join(run, "report.md")).read()
+    # sd of (0.2, 0.5, 0.8, 0.5, 0.1, 0.9) = sqrt(0.5 / 6) = 0.289; of (0.1, 0.5, 0.9, 0.5, 0.1, 0.9) = sqrt(0.64 / 6) = 0.327
+    assert "the spread of W (standard deviation) widens from 0.29 to 0.33" in page and "narrows" not in page
+    # the trained targets' mean size: 5 x mean(0.3, 0.3, 0.4, 0.4) = 1.75, then 5 x 0.4 = 2.00
+    assert "|eta (W - 1/2)|, how far each iteration asks the policy to move, grows from 1.75 to 2.00" in page
+    assert "losers -1.00 against -1.75 (short of it)" in page and "losers -2.50 against -2.00 (past it)" in page
+    assert "the losers past it in 1, at it in 0 and short of it in 1" in page
+    assert "stops pulling" not in page
+    assert "They stay at 0 through step 2: the learning-rate warm-up gives step 1 a learning rate of 0" in page
+
+
+def test_report_says_when_length_is_flat(tmp_path):
+    """Held-out answers of one length at every iteration, and trained winners as long as the losers: the page
+    says so instead of a trend."""
+    run = str(tmp_path / "run")
+    make_run(run)
+    results = os.path.join(run, "eval", "results.json")
+    ev = json.load(open(results))
+    for r in ev["models"].values():
+        r["mean_length"] = 20.0
+    json.dump(ev, open(results, "w"))
+    for t in (1, 2):  # every sample 5 characters long
+        rewrite(os.path.join(run, f"iter{t}", "ranked.jsonl"), lambda r: {**r, "responses": ["Cats.", "Dogs.", "Owls!"]})
+    run_stage("examples/tiny/report.py", "--run", run)
+    page = open(os.path.join(run, "report.md")).read()
+    assert "the held-out answers' length stays at about 20 characters" in page
+    assert ("the responses trained up are +0, +0 characters longer than those trained down in iterations 1, 2: the "
+            "judge's choices push the length neither way") in page
+
+
+def test_moves_follows_the_printed_numbers():
+    """The demo's spreads of W were 0.126, 0.136, 0.105: printed 0.13, 0.14, 0.10, so the words must say widens then
+    narrows (a fixed tolerance of 0.01 called the first change 'stays', against the printed numbers)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
+    from report import moves
+    assert moves([0.1257, 0.1357, 0.1048], "widens", "narrows") == "widens from 0.13 to 0.14, then narrows to 0.10"
+    assert moves([0.8, 0.8001, 0.79], "grows", "shrinks") == "stays at about 0.80, then shrinks to 0.79"
+    assert moves([60.2, 75.4, 75.3], "grows", "shrinks", "{:.0f}") == "grows from 60 to 75, then stays at about 75"

@@ -19,6 +19,7 @@ import argparse
 import glob
 import json
 import os
+import platform
 import re
 import sys
 
@@ -40,9 +41,7 @@ def world_version(run):
     """Which rule of world.py the run's world was built with: WORLD/world.json beside the base policy (the
     MODEL of RUN/settings.txt); worlds built before v2 existed have none and are v1."""
     root = os.path.dirname(os.path.dirname(HERE))  # run_loop.sh writes paths relative to the repository
-    with open(os.path.join(run, "settings.txt")) as f:
-        model = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)["MODEL"]
-    path = os.path.join(root, os.path.dirname(model.rstrip("/")), "world.json")
+    path = os.path.join(root, os.path.dirname(run_setting(run, "MODEL").rstrip("/")), "world.json")
     if not os.path.exists(path):
         return 1
     with open(path) as f:
@@ -66,13 +65,20 @@ def load_iteration(run, t, version):
     eta, loss = settings["eta"], settings.get("loss", "sppo")
     # The trained responses are the ones train_sppo.py wrote reference log-probs for (best and worst by W, or
     # all): their SPPO targets eta (W - 1/2) are what the log-ratios log pi/pi_t are pulled towards.
-    picks = [ranked[str(r["id"])]["win_rate"][r["response"]] for r in read_jsonl(os.path.join(ckpt, "reference_logps.jsonl"))]
-    target = eta * (np.array(picks) - 0.5)
+    trained = [ranked[str(r["id"])] for r in read_jsonl(os.path.join(ckpt, "reference_logps.jsonl"))]
+    picks = [r["response"] for r in read_jsonl(os.path.join(ckpt, "reference_logps.jsonl"))]
+    W_trained = np.array([r["win_rate"][i] for r, i in zip(trained, picks)])
+    target = eta * (W_trained - 0.5)
+    length = np.array([len(r["responses"][i]) for r, i in zip(trained, picks)], dtype=np.float64)
     responses = [y for r in ranked.values() for y in r["responses"]]
     return {"t": t, "eta": eta, "loss": loss, "log": read_jsonl(os.path.join(ckpt, "train_log.jsonl")),
-            "W": np.array([w for r in ranked.values() for w in r["win_rate"]]),
+            "W": np.array([w for r in ranked.values() for w in r["win_rate"]]), "W_trained": W_trained,
             "target_pos": float(target[target > 0].mean()) if (target > 0).any() else 0.0,
             "target_neg": float(target[target < 0].mean()) if (target < 0).any() else 0.0,
+            "target_size": float(np.abs(target).mean()),
+            # the lengths the judge's choices push towards: trained up (W > 1/2) against trained down (W < 1/2)
+            "length_pos": float(length[target > 0].mean()) if (target > 0).any() else float("nan"),
+            "length_neg": float(length[target < 0].mean()) if (target < 0).any() else float("nan"),
             # prompts on which the judge finds nothing to choose between the K samples: W spread under 0.1
             "alike": float(np.mean([max(r["win_rate"]) - min(r["win_rate"]) < 0.1 for r in ranked.values()])),
             "n_prompts": len(ranked), "k": len(next(iter(ranked.values()))["responses"]),
@@ -94,13 +100,59 @@ def load_eval(run, version):
     return results
 
 
+_OUTCOMES = {}  # judgments file -> {key: outcome}, read once
+
+
 def judged_outcome(run, name, base, rid, answer, base_answer):
     """The judge's soft win of `answer` over the baseline's on one prompt, as evaluate.py cached it."""
     if name == base or answer == base_answer:
         return 0.5
-    key = f"{rid}:{text_hash(answer)}:{text_hash(base_answer)}"
     path = os.path.join(run, "eval", "judgments", f"{name}_vs_{base}.jsonl")
-    return next((r["outcome"] for r in read_jsonl(path) if r["id"] == key), float("nan"))
+    if path not in _OUTCOMES:
+        _OUTCOMES[path] = {r["id"]: r["outcome"] for r in read_jsonl(path)} if os.path.exists(path) else {}
+    return _OUTCOMES[path].get(f"{rid}:{text_hash(answer)}:{text_hash(base_answer)}", float("nan"))
+
+
+def share_won(run, ev, name):
+    """The share of held-out prompts the judge gives to `name` (outcome above 1/2; exactly 1/2 counts half),
+    beside the win rate, which is the mean of the outcomes themselves (an expected win rate)."""
+    base = ev["baseline"]
+    o = np.array([judged_outcome(run, name, base, rid, a, ev["models"][base]["answers"][rid][1])
+                  for rid, (_, a) in ev["models"][name]["answers"].items()])
+    return float(np.mean((o > 0.5) + 0.5 * (o == 0.5))) if not np.isnan(o).any() else float("nan")
+
+
+def moves(values, up, down, fmt="{:.2f}", tol=0.0):
+    """How a series moves, in words computed from it: 'narrows from 0.13 to 0.10', 'widens from 0.13 to 0.14,
+    then narrows to 0.10', 'stays at about 0.13'. The words follow the numbers as printed (fmt), so they never
+    contradict them; a change of at most tol (in printed units) counts as staying."""
+    values = [float(fmt.format(v).rstrip("%")) for v in values]  # as the reader sees them
+    if len(values) < 2:
+        return f"is {fmt.format(values[0])}"
+    steps = [0 if abs(b - a) <= tol else (1 if b > a else -1) for a, b in zip(values, values[1:])]
+    out, i = [], 0
+    while i < len(steps):  # one phrase per run of equal directions
+        j = i
+        while j + 1 < len(steps) and steps[j + 1] == steps[i]:
+            j += 1
+        word = {1: up, -1: down, 0: "stays at about"}[steps[i]]
+        if steps[i] == 0:
+            out.append(f"{word} {fmt.format(values[i])}")
+        elif not out:
+            out.append(f"{word} from {fmt.format(values[i])} to {fmt.format(values[j + 1])}")
+        else:
+            out.append(f"{word} to {fmt.format(values[j + 1])}")
+        i = j + 1
+    return ", then ".join(out)
+
+
+def versus(value, target, tol=0.1):
+    """Where a group's mean log-ratio ended against its mean target: 'past it', 'at it' (within tol of the
+    target's size), 'short of it', or 'the wrong way' (the other side of 0)."""
+    if target == 0:
+        return "no target"
+    r = value / target
+    return "the wrong way" if r <= 0 else "short of it" if r < 1 - tol else "at it" if r <= 1 + tol else "past it"
 
 
 # -----------------------------------------------------------------------------
@@ -119,11 +171,12 @@ def fig_winrate(run, ev, names, best):
     m = ev["models"]
     x = np.arange(len(names))
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for key, se, label in (("win_rate", "se", "win rate"), ("lc_win_rate", "lc_se", "length-controlled (LC)")):
+    for key, se, label in (("win_rate", "se", "win rate (expected)"), ("lc_win_rate", "lc_se", "length-controlled (LC)")):
         a.errorbar(x, [100 * m[n][key] for n in names], yerr=[100 * m[n][se] for n in names], marker="o",
                    capsize=3, label=label)
+    a.plot(x, [100 * m[n]["share_won"] for n in names], ls=":", marker=".", color="grey", label="share won")
     a.axhline(50, color="grey", lw=0.8, ls="--")
-    a.set(xticks=x, xticklabels=names, ylabel=f"% of prompts won against {ev['baseline']}", ylim=(0, 102),
+    a.set(xticks=x, xticklabels=names, ylabel=f"% against {ev['baseline']}", ylim=(0, 102),
           title="What the judge (tiny ranker) says")
     a.legend(loc="lower right")
     b.plot(x, [m[n]["rule"] for n in names], marker="s", color="tab:green")
@@ -142,6 +195,9 @@ def fig_training(run, its):
         a, b = axes[0, j], axes[1, j]
         a.plot(steps, [s["loss"] for s in it["log"]], color="black")
         a.set(title=f"iteration {it['t']}", ylim=(0, 1.05 * top))
+        idle = warmup_steps(it["log"])
+        if idle:  # the warm-up's first steps update nothing: the log-ratios stay 0 one step longer
+            b.axvspan(0.5, idle + 0.5, color="0.88", lw=0, label="learning rate 0 (warm-up)")
         b.plot(steps, [s["log_ratio_pos"] for s in it["log"]], color="tab:blue", label="W > 1/2 (winners)")
         b.plot(steps, [s["log_ratio_neg"] for s in it["log"]], color="tab:red", label="W < 1/2 (losers)")
         if it["loss"] == "sppo":  # DPO and IPO have no per-response target
@@ -153,8 +209,18 @@ def fig_training(run, its):
         if j == 0:
             a.set_ylabel(f"{its[0]['loss'].upper()} loss")
             b.set_ylabel("log pi(y|x) - log pi_t(y|x)")
-    fig.legend(*axes[1, 0].get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
-    return save(fig, run, "report_training.png", rect=(0, 0.06, 1, 1))  # room for the legend under the panels
+    handles = axes[1, 0].get_legend_handles_labels()
+    rows = 1 if len(its) >= 3 or len(handles[0]) <= 3 else 2  # one row of entries where the figure is wide enough
+    fig.legend(*handles, loc="lower center", ncol=-(-len(handles[0]) // rows), frameon=False)
+    return save(fig, run, "report_training.png", rect=(0, 0.05 * rows + 0.01, 1, 1))  # room for the legend below
+
+
+def warmup_steps(log):
+    """How many leading steps ran at learning rate 0 (HF's warm-up starts at 0); logs without lr: none known."""
+    n = 0
+    while n < len(log) and log[n].get("lr", 1) == 0:
+        n += 1
+    return n  # room for the legend under the panels
 
 
 def fig_W(run, its):
@@ -162,20 +228,28 @@ def fig_W(run, its):
     fig, axes = plt.subplots(1, len(its), figsize=(3.6 * len(its) + 0.6, 3.3), sharey=True, squeeze=False)
     bins = np.linspace(0, 1, 21)
     for a, it in zip(axes[0], its):
-        a.hist(it["W"], bins=bins, color="tab:purple", weights=np.full(len(it["W"]), 100 / len(it["W"])))
+        a.hist(it["W"], bins=bins, color="thistle", weights=np.full(len(it["W"]), 100 / len(it["W"])),
+               label=f"all K = {it['k']} samples")
+        a.hist(it["W_trained"], bins=bins, histtype="step", lw=1.6, color="tab:purple",
+               weights=np.full(len(it["W_trained"]), 100 / len(it["W_trained"])), label="the trained ones")
         a.axvline(0.5, color="grey", lw=0.8, ls="--")
         a.set(title=f"iteration {it['t']}: spread (sd) {it['W'].std():.2f}\n{100 * it['alike']:.0f}% of prompts all alike",
               xlabel="W (win rate among the K samples)")
-    axes[0, 0].set_ylabel("% of sampled responses")
+    axes[0, 0].set_ylabel("% of each group")
+    axes[0, 0].legend(loc="upper left", fontsize=8)
     return save(fig, run, "report_W.png")
 
 
 def fig_length(run, its, ev, names):
     import matplotlib.pyplot as plt
     fig, a = plt.subplots(figsize=(5.5, 3.4))
-    # iteration t samples from the policy it starts from: base for t = 1, iter(t-1) after
-    a.plot(range(len(its)), [it["length"] for it in its], marker="o", label="sampled from it (the next training data)")
-    a.plot(range(len(names)), [ev["models"][n]["mean_length"] for n in names], marker="s", label=f"{ev['decoding']}, held-out")
+    a.plot(range(len(names)), [ev["models"][n]["mean_length"] for n in names], marker="s", color="black",
+           label=f"held-out answers ({ev['decoding']})")
+    # iteration t samples from the policy it starts from (base for t = 1): its trained winners and losers
+    a.plot(range(len(its)), [it["length_pos"] for it in its], marker="^", color="tab:blue",
+           label="its samples trained up (W > 1/2)")
+    a.plot(range(len(its)), [it["length_neg"] for it in its], marker="v", color="tab:red",
+           label="its samples trained down (W < 1/2)")
     a.set(xticks=range(len(names)), xticklabels=names, xlabel="policy", ylabel="mean response length (characters)",
           ylim=(0, None))
     a.legend(loc="lower right")
@@ -221,24 +295,30 @@ def section_winrate(run, its, ev, figs, version):
     names, m, base, it0 = list(ev["models"]), ev["models"], ev["baseline"], its[0]
     rule, best = RULES[version]
     first, last = names[0], names[-1]
+    won = {n: m[n]["share_won"] for n in names}
     out = [f"# The tiny demo: {len(its)} iterations of {it0['loss'].upper()}", "",
            f"Run directory `{run}`: {it0['n_prompts']} training prompts x K = {it0['k']} sampled responses per "
            f"iteration, eta = {it0['eta']:g}. Everything below is read from the files the loop and evaluate.py "
            f"wrote; the *hidden rule* of tiny world v{version} (`world.judge_score`: {rule}) is the truth the "
            "tiny ranker was trained to imitate, and SPPO never sees it.", "",
            "## 1. Win rate against the base policy", "",
-           "| model | win rate (%) | LC win rate (%) | mean length (chars) | hidden score (mean) |",
-           "|---|---|---|---|---|"]
+           "| model | win rate (%) | share won (%) | LC win rate (%) | mean length (chars) | hidden score (mean) |",
+           "|---|---|---|---|---|---|"]
     for n in names:
         r = m[n]
-        out.append(f"| {n} | {100 * r['win_rate']:.1f} ± {100 * r['se']:.1f} | {100 * r['lc_win_rate']:.1f} ± "
-                   f"{100 * r['lc_se']:.1f} | {r['mean_length']:.0f} | {r['rule']:+.2f} |")
+        out.append(f"| {n} | {100 * r['win_rate']:.1f} ± {100 * r['se']:.1f} | {100 * won[n]:.1f} | "
+                   f"{100 * r['lc_win_rate']:.1f} ± {100 * r['lc_se']:.1f} | {r['mean_length']:.0f} | {r['rule']:+.2f} |")
     out += ["", f"![win rate]({figs['winrate']})", "",
             f"Each model answers the {held_out(ev)}, {ev['decoding']}; the judge (the tiny ranker, "
-            f"in both orders) compares each answer with {base}'s on the same prompt, and the win rate is the "
-            f"share of prompts won (a tie counts half). {base} against itself is 50% by definition. What to see: "
-            f"the win rate goes from 50% to {100 * m[last]['win_rate']:.0f}% by {last}, and the hidden score "
-            f"(right) from {m[first]['rule']:+.2f} to {m[last]['rule']:+.2f}. " + agreement(m, names) + " LC is the "
+            f"in both orders) gives each answer a probability of beating {base}'s answer to the same prompt. The "
+            "win rate is the mean of those probabilities, an *expected* win rate (as AlpacaEval 2.0 computes its "
+            "own): a sure win counts 1, a toss-up 1/2, a 0.7 counts 0.7. The share won (dotted) counts a prompt as won "
+            "when that probability is above 1/2 (exactly 1/2 counts half); it moves further than the win rate "
+            f"when the judge is unsure of many answers. {base} against itself is 50% by definition. What to see: "
+            f"the win rate {moves([100 * m[n]['win_rate'] for n in names], 'rises', 'falls', '{:.0f}%')} "
+            f"(share won {moves([100 * won[n] for n in names], 'rises', 'falls', '{:.0f}%')}), and the hidden "
+            f"score (right) {moves([m[n]['rule'] for n in names], 'rises', 'falls', '{:+.2f}')}. "
+            + agreement(m, names) + " LC is the "
             "win rate the model would have at equal length; here it is within "
             f"{max(100 * abs(m[n]['win_rate'] - m[n]['lc_win_rate']) for n in names):.1f} points of the raw one at "
             "every iteration. A gap between the two means part of the wins came from writing longer (or shorter) "
@@ -249,66 +329,98 @@ def section_winrate(run, its, ev, figs, version):
 
 
 def section_training(run, its, ev, figs, version):
-    """Section 2: the training curves, read against the loss that made them."""
+    """Section 2: the training curves, read against the loss that made them; every verdict computed."""
     it0, out = its[0], []
+    idle = warmup_steps(it0["log"])
+    start = ("Both log-ratios are exactly 0 at step 1: the policy is its own reference before the first update, "
+             "so the first loss is the mean squared target. " + (
+                 f"They stay at 0 through step {idle + 1}: the learning-rate warm-up gives "
+                 f"{'step 1' if idle == 1 else f'steps 1-{idle}'} a learning rate of 0 (Hugging Face's linear warm-up starts from "
+                 "0, and the released recipe uses it), so no weight moves until then (shaded). "
+                 if idle else ""))
     if it0["loss"] == "sppo":
+        ends = [(it, versus(it["log"][-1]["log_ratio_pos"], it["target_pos"]),
+                 versus(it["log"][-1]["log_ratio_neg"], it["target_neg"])) for it in its]
+        count = lambda k, word: sum(e[k] == word for e in ends)  # noqa: E731
         out += ["Top: the SPPO loss, the mean of (log pi(y|x) - log pi_t(y|x) - eta (W - 1/2))^2 over the "
-                "best and worst response of each prompt. Bottom: the mean log-ratio log pi(y|x) - log pi_t(y|x) "
-                "of the winners (W > 1/2, blue) and the losers (W < 1/2, red), and dashed, the mean target "
-                "eta (W - 1/2) of each group. What to see: both log-ratios start at exactly 0 (the policy is "
-                "its own reference at step 1, so the first loss is the mean squared target), then move "
-                "apart, winners up and losers down, towards their targets. They need not reach them: "
-                "SPPO's squared loss stops pulling as soon as a log-ratio equals its target, so unlike DPO it "
-                "cannot push the losers' probability to zero. Lower targets (the targets shrink as W "
-                "bunches up near 1/2) mean a smaller step for the next iteration.", "",
-                "At the last step: " + "; ".join(
-                    f"iteration {it['t']}: winners {it['log'][-1]['log_ratio_pos']:+.2f} (target "
-                    f"{it['target_pos']:+.2f}), losers {it['log'][-1]['log_ratio_neg']:+.2f} (target "
-                    f"{it['target_neg']:+.2f})" for it in its) + ".", ""]
+                "trained responses. Bottom: the mean log-ratio log pi(y|x) - log pi_t(y|x) of those with W > 1/2 "
+                "(winners, blue) and W < 1/2 (losers, red), and dashed, the mean target eta (W - 1/2) of each "
+                "group. " + start + "The squared loss pulls each response's log-ratio towards its own target "
+                "from either side (its gradient changes sign there), where DPO's loss keeps rewarding a loser "
+                "pushed further down. A group's mean can still end short of its target or past it: the "
+                "responses share one set of weights, the optimizer carries momentum, and the run stops after a "
+                "fixed number of steps.", "",
+                "Where the last step left them: " + "; ".join(
+                    f"iteration {it['t']}: winners {it['log'][-1]['log_ratio_pos']:+.2f} against "
+                    f"{it['target_pos']:+.2f} ({pos}), losers {it['log'][-1]['log_ratio_neg']:+.2f} against "
+                    f"{it['target_neg']:+.2f} ({neg})" for it, pos, neg in ends) + ". "
+                f"Over the {len(its)} iterations the winners end past their target in {count(1, 'past it')}, at it "
+                f"(within 10%) in {count(1, 'at it')} and short of it in {count(1, 'short of it')}; the losers past "
+                f"it in {count(2, 'past it')}, at it in {count(2, 'at it')} and short of it in "
+                f"{count(2, 'short of it')}.", ""]
     else:
         out += [f"Top: the {it0['loss'].upper()} loss over the best/worst pairs. Bottom: the mean log-ratio "
-                "log pi(y|x) - log pi_t(y|x) of the winners (blue) and losers (red). The pair losses only see "
-                "the difference of the two; nothing anchors either one.", ""]
+                "log pi(y|x) - log pi_t(y|x) of the winners (blue) and losers (red). " + start + "The pair "
+                "losses only see the difference of the two; nothing anchors either one.", ""]
     return out
 
 
-def section_samples(run, its, ev, figs, version):
-    """Sections 3 and 4: the judge's view of the policy's own samples (W), and length."""
-    it0, out = its[0], []
-    out += ["## 3. How the judge sees the policy's own samples", "",
+def section_W(run, its, ev, figs, version):
+    """Section 3: the judge's view of the policy's own samples (W): spread, targets, and what is trained."""
+    it0 = its[0]
+    all_trained = all(len(it["W_trained"]) == len(it["W"]) for it in its)
+    return ["## 3. How the judge sees the policy's own samples", "",
             f"![distribution of W]({figs['W']})", "",
             "Each iteration samples K responses per training prompt from the current policy, and the judge "
             "scores every pair: W is a response's mean win probability against its K siblings (its own 1/2 "
             "included), so W averages exactly 1/2 on every prompt and only its spread carries information. A "
             "prompt whose samples are all alike to the judge gives every one W = 1/2 and SPPO nothing to learn "
-            "(every target eta (W - 1/2) is 0). "
+            "(every target eta (W - 1/2) is 0). The filled bars are all the samples; the outline, the ones "
+            + ("trained, which here are all of them (--select all). " if all_trained else
+               "trained: the best and the worst by W of each prompt (--select best-worst, the released code's), "
+               "so they sit at the two ends of each prompt's range of W. ")
             + (f"With K = {it0['k']} and a decisive judge (world v1), a prompt with one bad sample among good ones "
                f"gives the good ones W near {(0.5 * (it0['k'] - 1) + 1) / it0['k']:.1f} and the bad one W near "
-               f"{0.5 / it0['k']:.1f}. What to see: how the mass moves from a broad spread (many good and bad "
-               "samples mixed) towards good majorities with rare bad outliers, and how the share of all-alike "
-               "prompts (W spread under 0.1) grows: " if version == 1 else
+               f"{0.5 / it0['k']:.1f}. " if version == 1 else
                "World v2's judge is soft (a small difference in quality wins only a little more often than not), "
-               "so W stays well inside 0-1. What to see: the spread of W, which narrows as the samples grow "
-               "alike (standard deviation " + ", ".join(f"{it['W'].std():.2f}" for it in its) + "), and the "
-               "share of all-alike prompts (W spread under 0.1): ")
-            + ", ".join(f"{100 * it['alike']:.0f}%" for it in its) + " in iterations "
-            + ", ".join(str(it["t"]) for it in its) + ". All samples alike on every prompt is what the Nash "
-            "equilibrium looks like from inside: no response of the policy is preferred to another, so SPPO's "
-            "updates stop. At temperature 0.7 a policy keeps sampling some bad answers long after its most likely "
-            "answer is good.", "",
-            "## 4. Length", "",
+               "so W stays well inside 0-1. ")
+            + f"What to see: the spread of W (standard deviation) {moves([it['W'].std() for it in its], 'widens', 'narrows')}"
+            f" over iterations {', '.join(str(it['t']) for it in its)}; the share of all-alike prompts (W spread "
+            f"under 0.1) {moves([100 * it['alike'] for it in its], 'grows', 'shrinks', '{:.0f}%')}; and the "
+            f"mean size of the trained targets |eta (W - 1/2)|, how far each iteration asks the policy to move, "
+            f"{moves([it['target_size'] for it in its], 'grows', 'shrinks')}. All samples alike on every prompt "
+            "is what the Nash equilibrium looks like from inside: no response of the policy is preferred to "
+            "another, and SPPO's updates stop.", ""]
+
+
+def length_push(gap, tol=2):
+    """What the trained-up minus trained-down lengths (characters, one per iteration) say, in words."""
+    if all(abs(g) < tol for g in gap):
+        return f"the judge's choices push the length neither way (within {tol} characters)"
+    if all(g >= tol for g in gap) or all(g <= -tol for g in gap):
+        return f"the judge's choices favour {'longer' if gap[0] > 0 else 'shorter'} answers in every iteration"
+    return "the direction changes from iteration to iteration"
+
+
+def section_length(run, its, ev, figs, version):
+    """Section 4: length, of the held-out answers and of what the judge's choices train up and down."""
+    names, m = list(ev["models"]), ev["models"]
+    gap = [it["length_pos"] - it["length_neg"] for it in its]
+    return ["## 4. Length", "",
             f"![mean length]({figs['length']})", "",
-            "Mean length in characters of the sampled training responses (the policy each iteration starts "
-            f"from) and of the held-out answers ({ev['decoding']}). What to see: whether the gains came with longer "
-            "answers. A sign-off adds 17 characters and a filler 4, so here a better answer can be longer or "
-            "shorter; real judges (PairRM, GPT-4) favour longer answers, which is why AlpacaEval reports LC"
+            f"Black: the mean length in characters of the held-out answers ({ev['decoding']}). Blue and red: in "
+            "the samples each iteration trains on (drawn from the policy it starts from), the mean length of the "
+            "responses trained up (W > 1/2) and down (W < 1/2): what the judge's choices push the length towards. "
+            f"What to see: the held-out answers' length {moves([m[n]['mean_length'] for n in names], 'grows', 'shrinks', '{:.0f}')}"
+            f" characters; the responses trained up are {', '.join(f'{g:+.0f}' for g in gap)} characters longer than "
+            f"those trained down in iterations {', '.join(str(it['t']) for it in its)}: {length_push(gap)}. A sign-off adds 17 "
+            "characters and a filler 4, so here a better answer can be longer or shorter; real judges (PairRM, "
+            "GPT-4) favour longer answers, which is why AlpacaEval reports LC"
             + (" and why the v2 judge has a mild length bias: a policy can then gain raw win rate by writing "
                "longer, which LC discounts and the hidden score does not reward." if version == 2 else "."), "",
-            "Per iteration, the sampled training responses: "
+            "Per iteration, all the sampled training responses: "
             + "; ".join(f"iteration {it['t']}: mean length {it['length']:.0f}, hidden score {it['rule']:+.2f}"
                         for it in its) + ".", ""]
-
-    return out
 
 
 def off_topic(prompt, answers):
@@ -350,10 +462,12 @@ def report(run, prompt_id=None):
     its = [load_iteration(run, t, version) for t in ts]
     ev = load_eval(run, version)
     names = list(ev["models"])  # evaluate.py's order: base, iter1, iter2, ...
+    for n in names:
+        ev["models"][n]["share_won"] = share_won(run, ev, n)
     figs = {"winrate": fig_winrate(run, ev, names, best), "training": fig_training(run, its), "W": fig_W(run, its),
             "length": fig_length(run, its, ev, names)}
 
-    sections = (section_winrate, section_training, section_samples)
+    sections = (section_winrate, section_training, section_W, section_length)
     out = sum((f(run, its, ev, figs, version) for f in sections), []) + section_prompt(run, its, ev, figs, version,
                                                                                        prompt_id)
     path = os.path.join(run, "report.md")
@@ -401,15 +515,38 @@ def compare(runs, out):
             lines.append(f"| {method.upper() if i else 'base'} | {i or '-'} | {100 * r['win_rate']:.1f} ± "
                          f"{100 * r['se']:.1f} | {100 * r['lc_win_rate']:.1f} ± {100 * r['lc_se']:.1f} | "
                          f"{r['mean_length']:.0f} | {r['rule']:+.2f} |")
+    seeds = sorted({run_setting(run, "SEED") for _, run in runs})
     lines += ["", "![compare](compare.png)", "",
-              "What this run shows: " + leaders(evals) + " " + hacks(evals) + " Read it against the paper (Wu et al., 2024: on "
-              "AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate rises every iteration, 17.1 to 28.5%, "
-              "and ends ahead of iterative DPO and IPO trained on the same data). Here the judge is a small "
-              "ranker that knows one rule and the policy a toy: who wins is settled by how fast each loss moves "
-              "the policy and where it stops, not by anything AlpacaEval measures.", ""]
+              "What this run shows: " + leaders(evals) + " " + hacks(evals), "",
+              f"This is one run of each method: seed {', '.join(seeds)} (the loop's SEED), this page made on "
+              f"{machine()}. The seed decides every iteration's samples, and so does the machine, through its "
+              "floating-point rounding: at temperature 0.7 one flipped token changes a response and what is trained "
+              "on it, and iterations compound it. A sentence above holds for this run; how often it holds over "
+              "other seeds and machines needs those runs (`SEED=1 make compare TINY=runs/tiny-seed1`; what was "
+              "measured so far, and how often each finding held: docs/tiny-world-compare-claims.md). Read it "
+              "against the paper (Wu et al., 2024: on AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate "
+              "rises every iteration, 17.1 to 28.5%, and ends ahead of iterative DPO and IPO trained on the same "
+              "data). Here the judge is a small ranker that knows one rule and the policy a toy: a tiny world can "
+              "show how each loss moves the policy, not AlpacaEval's numbers.", ""]
     with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return os.path.join(out, "compare.md")
+
+
+def run_setting(run, name):
+    """A setting of the loop, as run_loop.sh recorded it in RUN/settings.txt ('?' when absent)."""
+    with open(os.path.join(run, "settings.txt")) as f:
+        return dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line).get(name, "?")
+
+
+def machine():
+    """The CPU this runs on, in words ('Intel Xeon ..., 2 CPUs'), from /proc/cpuinfo where Linux has it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} CPUs"
 
 
 def leaders(evals):

@@ -1,0 +1,216 @@
+"""Preference models other than PairRM (preference.py): a reward model and an LLM judge, in rank.py, evaluate.py and
+run_loop.sh. Each expected P is re-derived here with plain transformers, one unpadded forward per input."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, read_jsonl, require_vllm, run_stage, write_jsonl
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from test_loop import loop  # noqa: E402
+from test_rank import make_records  # noqa: E402
+
+TEMPLATE = os.path.join(ROOT, "configs", "judge-prompt.txt")
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(world, tmp_path_factory):
+    """A tiny reward model: LlamaForSequenceClassification with one output, the tiny policy's tokenizer and chat
+    template, random weights (large enough that responses get clearly different scores)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+    out = tmp_path_factory.mktemp("reward") / "rm"
+    config = AutoConfig.from_pretrained(world / "policy")
+    config.num_labels, config.pad_token_id, config.initializer_range = 1, 0, 0.2
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(world / "policy").save_pretrained(out)
+    return out
+
+
+def hf_rewards(path, chats):
+    """r for each [user, assistant] chat: the model's one output, one unpadded row at a time."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for chat in chats:
+            ids = tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False, return_tensors="pt")
+            out.append(float(model(input_ids=ids["input_ids"]).logits[0, 0]))
+    return np.array(out)
+
+
+def rank(inp, out, ranker, *extra, check=True):
+    return run_stage("rank.py", "--in", inp, "--out", out, "--ranker", ranker, *extra, check=check)
+
+
+def assert_proper(P):
+    P = np.asarray(P)
+    np.testing.assert_allclose(P + P.T, 1, atol=1e-9)
+    np.testing.assert_allclose(np.diag(P), 0.5)
+    assert ((P > 0) & (P < 1)).all()
+
+
+# -----------------------------------------------------------------------------
+# a reward model
+
+def test_reward_model_ranks_by_score_differences(world, reward_dir, tmp_path):
+    records = make_records(world, 4, 3, seed=1)  # answers of different lengths: the batch is padded
+    write_jsonl(tmp_path / "gen.jsonl", records)
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "ranked.jsonl", reward_dir)
+    assert "reward ranker" in p.stderr
+    ranked = read_jsonl(tmp_path / "ranked.jsonl")
+    for rec in ranked:
+        r = hf_rewards(reward_dir, [[{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": y}]
+                                    for y in rec["responses"]])
+        assert np.ptp(r) > 1e-3, "the scores differ, so the check below means something"
+        np.testing.assert_allclose(rec["logits"], r[:, None] - r[None, :], atol=1e-5)
+        np.testing.assert_allclose(rec["probs"], sigmoid(r[:, None] - r[None, :]), atol=1e-6)
+        np.testing.assert_allclose(rec["win_rate"], sigmoid(r[:, None] - r[None, :]).mean(axis=1), atol=1e-6)
+        assert_proper(rec["probs"])
+        assert rec["rank"]["ranker_kind"] == "reward"
+    # sharding: two shards together are the whole
+    for s in (0, 1):
+        rank(tmp_path / "gen.jsonl", tmp_path / f"ranked.{s}.jsonl", reward_dir, "--shard", f"{s}/2")
+    shards = read_jsonl(tmp_path / "ranked.0.jsonl") + read_jsonl(tmp_path / "ranked.1.jsonl")
+    whole = {r["id"]: r for r in ranked}
+    assert sorted(r["id"] for r in shards) == sorted(whole)
+    for r in shards:
+        np.testing.assert_allclose(r["probs"], whole[r["id"]]["probs"], atol=1e-6)
+    # resuming with another kind (or PairRM's bt formula) is refused in one line, before any model is loaded
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "ranked.jsonl", reward_dir, "--ranker-kind", "judge", check=False)
+    assert p.returncode == 2 and "was made with ranker_kind='reward', this run has ranker_kind='judge'" in p.stderr
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "other.jsonl", reward_dir, "--prob-mode", "bt", check=False)
+    assert p.returncode == 2 and "is a reward model: --prob-mode bt" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "other.jsonl").exists()
+
+
+def test_reward_model_with_several_outputs_is_refused(world, reward_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "rm3"
+    shutil.copytree(reward_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["id2label"] = {"0": "a", "1": "b", "2": "c"}
+    (bad / "config.json").write_text(json.dumps(config))
+    write_jsonl(tmp_path / "gen.jsonl", make_records(world, 2, 2))
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "ranked.jsonl", bad, "--ranker-kind", "reward", check=False)
+    assert p.returncode == 2 and "num_labels=3" in p.stderr and not (tmp_path / "ranked.jsonl").exists()
+
+
+def test_evaluate_with_a_reward_model(world, reward_dir, tmp_path):
+    """A model against reference outputs, judged by the reward model: each outcome is sigmoid(r_model - r_ref)."""
+    prompts = [r["prompt"] for r in read_jsonl(world / "eval_prompts.jsonl")[:4]]
+    ref = [{"instruction": x, "output": f"Here is a short note: {x.lower()}", "generator": "ref"} for x in prompts]
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    out = tmp_path / "eval"
+    run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--reference-outputs", tmp_path / "ref.json",
+              "--ranker", reward_dir, "--out", out, "--engine", "hf", "--max-tokens", 16)
+    res = json.loads((out / "results.json").read_text())
+    assert res["ranker_kind"] == "reward" and "(reward model)" in (out / "results.md").read_text()
+    mine = {r["prompt"]: r["responses"][0] for r in read_jsonl(out / "outputs" / "base.jsonl")}
+    chat = lambda x, y: [{"role": "user", "content": x}, {"role": "assistant", "content": y}]  # noqa: E731
+    r_model = hf_rewards(reward_dir, [chat(x, mine[x]) for x in prompts])
+    r_ref = hf_rewards(reward_dir, [chat(x["instruction"], x["output"]) for x in ref])
+    expected = np.where([mine[x] == o["output"] for x, o in zip(prompts, ref)], 0.5, sigmoid(r_model - r_ref))
+    assert res["models"]["base"]["win_rate"] == pytest.approx(expected.mean(), abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# an LLM judge
+
+def hf_judge_logits(path, template, pairs):
+    """log p(A) - log p(B) at the judge's first answer token, for each (prompt, first, second): the template filled
+    in by hand, through the chat template, one unpadded forward each."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    a, b = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
+    out = []
+    with torch.no_grad():
+        for x, y1, y2 in pairs:
+            text = template.replace("{prompt}", x).replace("{first}", y1).replace("{second}", y2)
+            chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            ids = tok(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            logp = model(input_ids=ids).logits[0, -1].log_softmax(-1)
+            out.append(float(logp[a] - logp[b]))
+    return np.array(out)
+
+
+def test_llm_judge_probabilities_are_the_verdict_softmax_in_both_orders(world, tmp_path):
+    require_vllm()
+    records = make_records(world, 2, 3, seed=2)
+    write_jsonl(tmp_path / "gen.jsonl", records)
+    # the tiny policy as the judge (found from its config: a causal LM), in fp32 as the test computes it
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "ranked.jsonl", world / "policy", "--dtype", "fp32")
+    assert "judge ranker" in p.stderr
+    template = open(TEMPLATE, encoding="utf-8").read()
+    for rec in read_jsonl(tmp_path / "ranked.jsonl"):
+        k = len(rec["responses"])
+        cells = [(i, j) for i in range(k) for j in range(k) if i != j]
+        m = hf_judge_logits(world / "policy", template,
+                            [(rec["prompt"], rec["responses"][i], rec["responses"][j]) for i, j in cells])
+        M = np.zeros((k, k))
+        for (i, j), v in zip(cells, m):
+            M[i, j] = v
+        S = sigmoid(M)  # softmax over the two verdict tokens, y_i as answer A
+        P = (S + 1 - S.T) / 2
+        np.fill_diagonal(P, 0.5)
+        np.testing.assert_allclose(rec["logits"], M, atol=1e-3)
+        np.testing.assert_allclose(rec["probs"], P, atol=1e-4)
+        assert_proper(rec["probs"])
+        assert rec["rank"]["ranker_kind"] == "judge" and len(rec["rank"]["judge_template"]) == 16
+    # another template is another experiment: a resume with it is refused
+    other = tmp_path / "judge.txt"
+    other.write_text("Prompt: {prompt}\nA: {first}\nB: {second}\nBetter (A or B)?")
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "ranked.jsonl", world / "policy", "--judge-template", other, check=False)
+    assert p.returncode == 2 and "was made with judge_template=" in p.stderr
+    other.write_text("no fields")
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "x.jsonl", world / "policy", "--judge-template", other, check=False)
+    assert p.returncode == 2 and "should contain {prompt} exactly once" in p.stderr
+
+
+def test_evaluate_with_an_llm_judge(world, tmp_path):
+    """A model against reference outputs, judged by the tiny policy: each outcome is the judge's verdict softmax
+    averaged over both orders, and the results name the judge's kind."""
+    require_vllm()
+    prompts = [r["prompt"] for r in read_jsonl(world / "eval_prompts.jsonl")[:3]]
+    ref = [{"instruction": x, "output": f"Here is a short note: {x.lower()}", "generator": "ref"} for x in prompts]
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    out = tmp_path / "eval"
+    run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--reference-outputs", tmp_path / "ref.json",
+              "--ranker", world / "policy", "--ranker-dtype", "fp32", "--out", out, "--engine", "hf",
+              "--max-tokens", 16)
+    res = json.loads((out / "results.json").read_text())
+    assert res["ranker_kind"] == "judge" and "(LLM judge)" in (out / "results.md").read_text()
+    mine = {r["prompt"]: r["responses"][0] for r in read_jsonl(out / "outputs" / "base.jsonl")}
+    template = open(TEMPLATE, encoding="utf-8").read()
+    m_ab = hf_judge_logits(world / "policy", template, [(x, mine[x], o["output"]) for x, o in zip(prompts, ref)])
+    m_ba = hf_judge_logits(world / "policy", template, [(x, o["output"], mine[x]) for x, o in zip(prompts, ref)])
+    expected = (sigmoid(m_ab) + 1 - sigmoid(m_ba)) / 2
+    assert res["models"]["base"]["win_rate"] == pytest.approx(expected.mean(), abs=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# the loop, one iteration with each kind (PairRM's: tests/test_loop.py)
+
+@pytest.mark.parametrize("kind", ["reward", "judge"])
+def test_loop_runs_with_each_kind(kind, world, reward_dir, tmp_path):
+    if kind == "judge":
+        require_vllm()
+    ranker = reward_dir if kind == "reward" else world / "policy"
+    out = tmp_path / "loop"
+    loop(world, out, RANKER=str(ranker), ITERS="1", N_PROMPTS="4", K="2", MAX_TOKENS="16", BATCH="4", MICRO_BATCH="4")
+    ranked = read_jsonl(out / "iter1" / "ranked.jsonl")
+    assert len(ranked) == 4 and all(r["rank"]["ranker_kind"] == kind for r in ranked)
+    for r in ranked:
+        assert_proper(r["probs"])
+    assert (out / "iter1" / "checkpoint" / "config.json").exists()
