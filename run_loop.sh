@@ -5,6 +5,7 @@
 #   bash run_loop.sh configs/tiny.env                       # the CPU demo (make demo)
 #   bash run_loop.sh configs/mistral7b.env                  # the released recipe on one 8-GPU box
 #   GPUS=1 N_PROMPTS=500 bash run_loop.sh configs/mistral7b.env   # any setting can come from the environment
+#   GPUS=8 sbatch -N 2 examples/slurm/sppo.sbatch configs/mistral7b.env   # 2 nodes under SLURM (docs/cluster.md)
 #
 # Every stage writes its output under a temporary name and renames it when complete, so a rerun skips
 # what is finished and resumes what is not. Logs: $OUT/iterT/logs/STAGE*.log.
@@ -25,6 +26,17 @@ if (( GPUS > ${#DEVICES[@]} )); then
 fi
 DEVICES=("${DEVICES[@]:0:GPUS}")
 TRAIN_DEVICES=$(IFS=,; echo "${DEVICES[*]}")
+# TP: GPUs per generation engine (vLLM tensor parallelism, for a model larger than one GPU); ranking keeps one.
+TP=${TP:-1}
+if (( TP > 1 && (GPUS == 0 || GPUS % TP) )); then echo "run_loop: TP=$TP needs GPUS a multiple of it (GPUS=$GPUS)" >&2; exit 2; fi
+TP_ARGS=(); if (( TP > 1 )); then TP_ARGS=(--tensor-parallel-size "$TP"); fi
+# Inside a SLURM allocation (sbatch, salloc) every stage runs on all its nodes, GPUS per node, started with
+# srun (docs/cluster.md); the nodes must share OUT's filesystem. Outside one, NODES is empty: one machine.
+NODES=()
+if [ -n "${SLURM_JOB_ID-}" ] && [ "${SLURM:-1}" != 0 ]; then
+    mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    (( ${#NODES[@]} )) || { echo "run_loop: SLURM job $SLURM_JOB_ID: no nodes in SLURM_JOB_NODELIST" >&2; exit 2; }
+fi
 
 # --- settings guard: a run directory holds one experiment; changing a setting needs a new OUT
 SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEED_MODE PROB_MODE ETA LR EPOCHS
@@ -67,31 +79,61 @@ status() {  # status STAGE running|done|"done earlier" [SECONDS]
 # die STAGE LOG: stop the loop, naming the stage and where to look.
 die() { echo "run_loop: stage '$1' failed (iteration $t); see $2" >&2; tail -n 3 "$2" | sed 's/^/    /' >&2; exit 1; }
 
-# sharded STAGE OUT CMD...: run `CMD --shard s/NPROC --out OUT.s` once per GPU side by side, then
-# concatenate the shard outputs into OUT. Each shard resumes by itself after a crash. With GPUs, shard s sees
-# only DEVICES[s], and has its own vLLM cache directory unless the user set VLLM_CACHE_ROOT: every vLLM
-# process calls itself rank 0, and eight of them compiling into one torch.compile cache collide.
+# shard_launcher S W: the command prefix (in LAUNCH) that starts shard S of a stage giving each shard W GPUs.
+# With GPUs it sees only its W devices (the S-th W of DEVICES on its node) and has its own vLLM cache directory
+# unless the user set VLLM_CACHE_ROOT: every vLLM process calls itself rank 0, and eight of them compiling into
+# one torch.compile cache collide (under SLURM the directory names the node too: home directories are shared).
+# Under SLURM it runs as a one-task job step on node S / (shards per node).
+shard_launcher() {
+    local s=$1 w=$2 per_node=$(( NPROC / $2 )) devices node=
+    LAUNCH=()
+    if (( ${#NODES[@]} )); then
+        node=${NODES[s / per_node]}
+        LAUNCH=(srun --nodes=1 --ntasks=1 --nodelist="$node" --overlap --input=none --quiet)
+    fi
+    if (( GPUS > 0 )); then
+        devices=$(IFS=,; echo "${DEVICES[*]:(s % per_node) * w:w}")
+        LAUNCH+=(env CUDA_VISIBLE_DEVICES="$devices"
+                 VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/${node:+$node-}device-$devices}")
+    fi
+}
+
+# sharded STAGE OUT W CMD...: run `CMD --shard s/n --out OUT.s` for n shards of W GPUs each (one per GPU of every
+# node when W is 1) side by side, then concatenate the shard outputs into OUT. Each shard resumes by itself
+# after a crash.
 sharded() {
-    local stage=$1 out=$2 s; shift 2
+    local stage=$1 out=$2 w=$3 s; shift 3
     if [ -f "$out" ]; then echo "[iter $t] $stage: done earlier ($out)"; status "$stage" "done earlier"; return; fi
-    local start=$SECONDS pids=()
+    local start=$SECONDS pids=() n=$(( ${#NODES[@]} > 0 ? ${#NODES[@]} * NPROC / w : NPROC / w ))
     status "$stage" running
-    for ((s = 0; s < NPROC; s++)); do
-        local env=()
-        if (( GPUS > 0 )); then
-            env=(CUDA_VISIBLE_DEVICES="${DEVICES[s]}"
-                 VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/device-${DEVICES[s]}}")
-        fi
-        env "${env[@]}" "$@" --shard "$s/$NPROC" --out "$out.$s" > "$LOGS/$stage.$s.log" 2>&1 &
+    for ((s = 0; s < n; s++)); do
+        shard_launcher "$s" "$w"
+        "${LAUNCH[@]}" "$@" --shard "$s/$n" --out "$out.$s" > "$LOGS/$stage.$s.log" 2>&1 &
         pids+=($!)
     done
-    for ((s = 0; s < NPROC; s++)); do wait "${pids[s]}" || die "$stage" "$LOGS/$stage.$s.log"; done
-    for ((s = 0; s < NPROC; s++)); do cat "$out.$s"; done > "$out.tmp"
+    for ((s = 0; s < n; s++)); do wait "${pids[s]}" || die "$stage" "$LOGS/$stage.$s.log"; done
+    for ((s = 0; s < n; s++)); do cat "$out.$s"; done > "$out.tmp"
     mv "$out.tmp" "$out"
-    for ((s = 0; s < NPROC; s++)); do rm -f "$out.$s"; done
+    for ((s = 0; s < n; s++)); do rm -f "$out.$s"; done
     echo "[iter $t] $stage: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/$stage.0.log")"
     status "$stage" done $(( SECONDS - start ))
     STAGES_RUN=$(( STAGES_RUN + 1 ))
+}
+
+# train_launcher: how training starts (in LAUNCH): one process on the CPU or one GPU; torchrun's GPUS processes
+# on one machine; under SLURM one torchrun per node (srun), GPUS processes each, meeting at the first node (c10d).
+# Every process takes its share of one global batch, so the losses do not depend on how many there are.
+train_launcher() {
+    LAUNCH=()
+    if (( GPUS > 0 )); then LAUNCH=(env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES"); fi
+    if (( ${#NODES[@]} )); then
+        local addr port=${RDZV_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+        addr=$(scontrol show node "${NODES[0]}" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+        LAUNCH=(srun --nodes="${#NODES[@]}" --ntasks="${#NODES[@]}" --ntasks-per-node=1 --overlap --input=none --quiet
+                "${LAUNCH[@]}" "$PYTHON" -m torch.distributed.run --nnodes "${#NODES[@]}" --nproc_per_node "$NPROC"
+                --rdzv-backend c10d --rdzv-endpoint "${addr:-${NODES[0]}}:$port" --rdzv-id "sppo-$SLURM_JOB_ID-$t")
+    elif (( GPUS > 1 )); then LAUNCH+=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS")
+    else LAUNCH+=("$PYTHON"); fi
 }
 
 model=$MODEL
@@ -102,13 +144,13 @@ for ((t = 1; t <= ITERS; t++)); do
     prompts=${PROMPTS//\{iter\}/$t}   # e.g. UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iter}
 
     # 1. y_1..y_K ~ pi_t(.|x) for every prompt x
-    sharded generate "$dir/generated.jsonl" \
+    sharded generate "$dir/generated.jsonl" "$TP" \
         "$PYTHON" generate.py --model "$model" --prompts "$prompts" ${N_PROMPTS:+--limit "$N_PROMPTS"} \
         --k "$K" --temperature "$TEMPERATURE" --top-p "$TOP_P" --max-tokens "$MAX_TOKENS" \
-        --seed "$SEED" --seed-mode "$SEED_MODE" ${GEN_ARGS-}
+        --seed "$SEED" --seed-mode "$SEED_MODE" "${TP_ARGS[@]}" ${GEN_ARGS-}
 
     # 2. P(y_i beats y_j | x) for every ordered pair, and each response's win rate W_i = mean_j P_ij
-    sharded rank "$dir/ranked.jsonl" \
+    sharded rank "$dir/ranked.jsonl" 1 \
         "$PYTHON" rank.py --in "$dir/generated.jsonl" --ranker "$RANKER" --prob-mode "$PROB_MODE" ${RANK_ARGS-}
 
     # 3. pi_{t+1} = argmin E (log pi(y|x) - log pi_t(y|x) - eta (W(y) - 1/2))^2, with pi_t as reference
@@ -120,10 +162,8 @@ for ((t = 1; t <= ITERS; t++)); do
     else
         start=$SECONDS
         status train running
-        launcher=("$PYTHON")
-        if (( GPUS > 1 )); then launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); fi
-        if (( GPUS > 0 )); then launcher=(env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" "${launcher[@]}"); fi
-        "${launcher[@]}" train_sppo.py --model "$model" --data "$dir/ranked.jsonl" --out "$ckpt" \
+        train_launcher
+        "${LAUNCH[@]}" train_sppo.py --model "$model" --data "$dir/ranked.jsonl" --out "$ckpt" \
             --eta "$ETA" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH" --micro-batch-size "$MICRO_BATCH" \
             --optimizer "$OPTIMIZER" --warmup-ratio "$WARMUP" --max-length "$MAX_LENGTH" \
             --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" --loss "$LOSS" \

@@ -22,7 +22,8 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path
 EXTERNAL_VARS = {"OPENAI_API_KEY": "read by alpaca_eval's GPT-4 Turbo judge",
                  "WANDB_MODE": "read by wandb (offline: no account, no network)",
                  "FRAC_LEN": "the released code's generate.sh variable (reproducing.md's deviation table)",
-                 "VAR": "the placeholder in `VAR=${VAR:-default}`"}
+                 "VAR": "the placeholder in `VAR=${VAR:-default}`",
+                 "SLURM_CONF": "read by SLURM's commands (docs/cluster.md's cluster on one machine)"}
 CONFIGS = ["mistral7b", "tiny"]  # the columns of docs/configuration.md's table
 
 
