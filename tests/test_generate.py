@@ -1,5 +1,6 @@
 """generate.py on the tiny policy: both engines, seeds, shards, settings refusal, ids, the chat template.
 (Kills and resumes: test_faults.py; bad input: tests/bad_inputs/.)"""
+import hashlib
 import os
 
 import pytest
@@ -82,14 +83,14 @@ def test_release_seed_mode(world, tmp_path):
     assert recs[0]["generate"]["seed_mode"] == "release"
 
 
-@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
-def test_shards_concatenate_to_the_whole(world, tmp_path, engine):
+@pytest.mark.parametrize("engine, limit, n", [("hf", 10, 3), ("vllm", 4, 2)])  # vLLM: each run starts an engine
+def test_shards_concatenate_to_the_whole(world, tmp_path, engine, limit, n):
     if engine == "vllm":
         require_vllm()
-    gen(world, tmp_path / "whole.jsonl", engine=engine, limit=10)
+    gen(world, tmp_path / "whole.jsonl", engine=engine, limit=limit)
     parts = []
-    for i in range(3):
-        gen(world, tmp_path / f"s{i}.jsonl", "--shard", f"{i}/3", engine=engine, limit=10)
+    for i in range(n):
+        gen(world, tmp_path / f"s{i}.jsonl", "--shard", f"{i}/{n}", engine=engine, limit=limit)
         parts += read_jsonl(tmp_path / f"s{i}.jsonl")
     whole = read_jsonl(tmp_path / "whole.jsonl")
     assert sorted(r["id"] for r in parts) == sorted(r["id"] for r in whole)
@@ -110,8 +111,26 @@ def test_prompts_without_ids_get_stable_ids(world, tmp_path):
     run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl",
               "--engine", "hf", "--k", 2, "--max-tokens", 16)
     ids = [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")]
-    from common import prompt_id
-    assert ids == [prompt_id("Tell me about cats."), prompt_id("Describe rivers.")]
+    # the README's rule, restated: the first 16 hex digits of the prompt's SHA-1
+    assert ids == [hashlib.sha1(t.encode("utf-8")).hexdigest()[:16] for t in ("Tell me about cats.", "Describe rivers.")]
+
+
+def test_seeds_of_both_modes_through_generate(world, tmp_path):
+    """Two prompts with the same text and different ids: release mode gives them the same answers (one seed per
+    sample index, for every prompt), prompt mode different ones (a stream per id). Release mode's sample p of
+    --seed 3 is drawn with seed 3 + 50 p: sample 1 is sample 0 of a run with --seed 53."""
+    text = read_jsonl(world / "prompts.jsonl")[0]["prompt"]
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": text}, {"id": "b", "prompt": text}])
+
+    def answers(name, *extra):
+        run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / name,
+                  "--engine", "hf", "--max-tokens", 24, *extra)
+        return [r["responses"] for r in read_jsonl(tmp_path / name)]
+    a, b = answers("release.jsonl", "--seed-mode", "release", "--seed", 3, "--k", 3)
+    assert a == b and len(set(a)) == 3
+    assert answers("release53.jsonl", "--seed-mode", "release", "--seed", 53, "--k", 1)[0] == a[1:2]
+    a, b = answers("prompt.jsonl", "--seed", 3, "--k", 3)
+    assert a != b
 
 
 def test_chat_template_single_bos(world):

@@ -180,6 +180,80 @@ def test_checkpoint_reloads_and_rerun_is_idempotent(world, data, trained, tmp_pa
     assert p.returncode == 2 and "lr=0.0003" in p.stderr and "lr=0.0001" in p.stderr
 
 
+# -----------------------------------------------------------------------------
+# the gradient, the schedule, RMSprop and clipping, against a plain re-derivation
+
+def id_records(world, n=8, k=2, seed=3):
+    """Ranked records with generate.py's token ids (short toy answers), so the test and the trainer train
+    exactly the same tokens."""
+    from common import encode_prompt, load_tokenizer
+    tok = load_tokenizer(str(world / "policy"))
+    recs = ranked_records(world, n=n, k=k, seed=seed)
+    for r in recs:
+        r["prompt_token_ids"] = encode_prompt(tok, r["prompt"])
+        r["response_token_ids"] = [tok.encode(a, add_special_tokens=False)[:20] + [tok.eos_token_id] for a in r["responses"]]
+    return recs
+
+
+def plain_gradient(model, recs, eta):
+    """Autograd of the mean SPPO loss over the responses of `recs` at the starting weights (so the policy is
+    the reference and every log-ratio is 0): each sequence alone, unpadded, log-probs from the whole logits."""
+    model.zero_grad()
+    lps, targets = [], []
+    for r in recs:
+        for ids, w in zip(r["response_token_ids"], r["win_rate"]):
+            logits = model(input_ids=torch.tensor([r["prompt_token_ids"] + ids])).logits[0, :-1]
+            logp = torch.log_softmax(logits.float(), -1)[-len(ids):]  # the rows that predict the response
+            lps.append(logp.gather(-1, torch.tensor(ids)[:, None]).sum())
+            targets.append(eta * (w - 0.5))
+    lp = torch.stack(lps)
+    ((lp - lp.detach() - torch.tensor(targets)) ** 2).mean().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_rmsprop_run_gradient_warm_up_and_clipping(world, tmp_path):
+    """The recipe's optimizer on 8 prompts in 2 steps of 4, warm-up ratio 0.5 (1 step), clipping at 1.0:
+    - step 1's grad_norm is the norm of the mean loss's gradient computed here, and step 1 runs at lr 0;
+    - the lr-0 step leaves the weights alone, so step 2's gradient is also taken at the starting weights;
+    - the weights written are w0 - lr g2c / (sqrt(v) + eps), with g1c, g2c the gradients clipped to norm 1,
+      v = 0.99 (0.01 g1c^2) + 0.01 g2c^2 (torch's RMSprop: alpha 0.99, eps 1e-8). RMSprop's first update
+      is blind to a gradient's scale; its second is not: without clipping it would differ (checked)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    eta, lr = 5.0, 1e-3
+    recs = id_records(world)
+    write_jsonl(tmp_path / "ranked.jsonl", recs)
+    out = tmp_path / "ckpt"
+    run_stage(TRAIN, "--model", world / "policy", "--data", tmp_path / "ranked.jsonl", "--out", out, "--eta", eta,
+              "--lr", lr, "--optimizer", "rmsprop", "--warmup-ratio", 0.5, "--batch-size", 4, "--micro-batch-size", 2,
+              "--select", "all", "--seed", 42, env=ONE_THREAD)
+    log = read_jsonl(out / "train_log.jsonl")
+    # the data order: a permutation seeded by --seed, cut into batches of 4 (make_schedule's documented rule)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(42)).tolist()
+    model = AutoModelForCausalLM.from_pretrained(world / "policy", dtype=torch.float32)
+    g1, g2 = plain_gradient(model, [recs[i] for i in perm[:4]], eta), plain_gradient(model, [recs[i] for i in perm[4:]], eta)
+    norm = lambda g: math.sqrt(sum(float((x.double() ** 2).sum()) for x in g.values()))  # noqa: E731
+    assert [x["lr"] for x in log] == [0.0, lr]
+    assert log[0]["grad_norm"] == pytest.approx(norm(g1), rel=1e-4)
+    assert log[1]["grad_norm"] == pytest.approx(norm(g2), rel=1e-4)
+    t2 = [eta * (w - 0.5) for i in perm[4:] for w in recs[i]["win_rate"]]
+    assert log[1]["loss"] == pytest.approx(sum(x * x for x in t2) / len(t2), rel=1e-5)  # still at log-ratio 0
+    assert max(norm(g1), norm(g2)) > 2, "the premise: clipping at 1.0 acts"
+
+    def update(clip):
+        c1, c2 = ((min(1.0, 1.0 / (norm(g) + 1e-6)) if clip else 1.0) for g in (g1, g2))
+        return {n: -lr * c2 * g2[n] / ((0.99 * 0.01 * (c1 * g1[n]) ** 2 + 0.01 * (c2 * g2[n]) ** 2).sqrt() + 1e-8)
+                for n in g1}
+    w0, w1 = model.state_dict(), load_file(out / "model.safetensors")
+    moved = {n: w1[n] - w0[n] for n in w1}
+
+    def rel_err(expected):
+        return math.sqrt(sum(float(((moved[n] - expected[n]) ** 2).sum()) for n in moved) /
+                         sum(float((expected[n] ** 2).sum()) for n in moved))
+    assert rel_err(update(clip=True)) < 1e-4  # measured 2.5e-6
+    assert rel_err(update(clip=False)) > 0.05  # measured 0.12
+
+
 @pytest.mark.slow
 def test_vllm_loads_the_checkpoint(world, trained, tmp_path):
     from conftest import require_vllm
