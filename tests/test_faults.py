@@ -6,6 +6,7 @@ named point, e.g. SPPO_FAULT=partial-written:2 after its second batch reached OU
 rerun until it completes; its output must equal that of an uninterrupted run with the same seeds.
 The bad inputs are real files under tests/bad_inputs/, listed with their expected errors in cases.json.
 """
+import glob
 import hashlib
 import json
 import os
@@ -190,6 +191,23 @@ def kill_loop_when(env, ready, timeout=300):
     assert proc.poll() is None, "run_loop.sh finished before the kill point"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The loop's lock is held by every process of the group until it has exited, and a stage with a model in
+    # memory takes a moment to: wait for them, or a rerun started at once finds the lock held.
+    deadline = time.time() + 60
+    while time.time() < deadline and group_alive(proc.pid):
+        time.sleep(0.05)
+
+
+def group_alive(pgid):
+    """True while a process of process group pgid (zombies aside) still runs."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state, _, group = open(stat).read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def lines(path):

@@ -41,17 +41,18 @@ def ranked_records(world, n=16, k=4, seed=0):
     return out
 
 
-def train(world, data, out, *extra, check=True, nproc=None, spy_log=None):
+def train(world, data, out, *extra, check=True, nproc=None, spy_log=None, spy_compute=False):
     """train_sppo.py in 1 process, or under torchrun in nproc; spy_log: a file where tests/spy_models.py
-    logs how each process built its model."""
+    logs how each process built its model (and, with spy_compute, what it computed)."""
     args = ["--model", world / "policy", "--data", data, "--out", out, *TINY, *extra]
-    if nproc is None:
+    if nproc is None and not spy_log:
         return run_stage(TRAIN, *args, check=check, env=ONE_THREAD)
     spy = [os.path.join(ROOT, "tests", "spy_models.py")] if spy_log else []
     # --standalone: a free port, so test runs side by side on one machine do not collide
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           *spy, os.path.join(ROOT, TRAIN), *map(str, args)]
-    env = dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD, **({"SPY_LOG": str(spy_log)} if spy_log else {}))
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    cmd = [sys.executable, *launch, *spy, os.path.join(ROOT, TRAIN), *map(str, args)]
+    env = dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD, **({"SPY_LOG": str(spy_log)} if spy_log else {}),
+               **({"SPY_COMPUTE": "1"} if spy_compute else {}))
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -323,6 +324,35 @@ def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
     assert json.load(open(two / "sppo_train.json"))["stats"]["processes"] == 2
     assert not os.path.exists(str(two) + ".tmp")
+
+
+def test_torchrun_bf16_and_gradient_checkpointing_two_processes_equal_one(world, data, tmp_path):
+    """The recipe's compute settings through train_sppo.load_model: --dtype bf16 --gradient-checkpointing in 1
+    process (bf16 autocast) and in 2 (FSDP2's bf16 mixed-precision policy, fp32 master weights and gradient
+    reduction). The spy sees both in every process: its linear layers compute in bf16, and their forward runs
+    again inside backward (checkpointing). The two paths round in different places (autocast keeps some ops in
+    fp32 that FSDP's cast runs in bf16), and bf16 keeps 8 significant bits (a relative step of 2^-8 = 0.4%), so
+    they agree to a few bf16 steps, not to fp32's 1e-5: step 1's gradient norm to 1% (measured 0.25%), step 2's
+    loss and gradient norm to 3% (measured 0.8%: step 1's rounding is in the weights by then), the weights'
+    change to 25% of its size (measured 10%: AdamW moves each weight by about lr whatever its gradient's size, so
+    a gradient near 0 that rounding flips flips its weight's step)."""
+    settings = ["--epochs", 1, "--batch-size", 8, "--micro-batch-size", 2, "--dtype", "bf16", "--gradient-checkpointing"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, None), (two, 2)):
+        train(world, data, out, *settings, nproc=nproc, spy_log=tmp_path / f"{out.name}.spy", spy_compute=True)
+        computed = [r for r in read_jsonl(tmp_path / f"{out.name}.spy") if "dtypes" in r]
+        assert sorted(r["rank"] for r in computed) == list(range(nproc or 1))
+        assert all(r["dtypes"] == ["torch.bfloat16"] and r["in_backward"] > 0 for r in computed), computed
+        assert json.load(open(out / "sppo_train.json"))["settings"]["dtype"] == "bf16"
+    a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
+    assert len(a) == len(b) == 2 and a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-2)
+    assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=3e-2)
+    assert a[1]["grad_norm"] == pytest.approx(b[1]["grad_norm"], rel=3e-2)
+    from safetensors.torch import load_file
+    w0 = load_file(world / "policy" / "model.safetensors")
+    wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert sum(float(((wb[k] - wa[k]) ** 2).sum()) for k in w0) < 0.25 ** 2 * sum(float(((wa[k] - w0[k]) ** 2).sum()) for k in w0)
 
 
 # -----------------------------------------------------------------------------
