@@ -341,9 +341,10 @@ def test_bad_input(world, broken_models, tmp_path, case):
     fill = lambda s: s.format(**subs)  # noqa: E731
     inp, out = subs["input"], fill(case.get("out", DEFAULT_OUT[case["stage"]]))
     extra = [fill(a) for a in case.get("args", [])]
-    # The checks run before any model loads: unless the case is about a model, the model (the ranker for rank
-    # and evaluate, which check their policies' paths first) does not exist, so a stage that touched it before
-    # checking its input would fail with "no such ... directory" instead of the expected error.
+    # The checks run before any model loads, shown by their order, not by a timing: unless the case is about a
+    # model, the model the stage would load does not exist (generate, train: --model; rank, evaluate: --ranker;
+    # evaluate checks its --models' paths before anything else), so a stage that reached for it before checking
+    # its input would fail with "no such ... directory" instead of the expected error.
     missing = str(tmp_path / "no-such-model")
     if not any(a in ("--model", "--ranker", "--models") for a in extra) and "{world}" not in case.get("out", ""):
         extra += {"generate": ["--model", missing], "train": ["--model", missing]}.get(case["stage"], ["--ranker", missing])
