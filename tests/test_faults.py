@@ -6,7 +6,7 @@ named point, e.g. SPPO_FAULT=partial-written:2 after its second batch reached OU
 rerun until it completes; its output must equal that of an uninterrupted run with the same seeds.
 The bad inputs are real files under tests/bad_inputs/, listed with their expected errors in cases.json.
 """
-import glob
+import fcntl
 import hashlib
 import json
 import os
@@ -191,35 +191,30 @@ def kill_loop_when(env, ready, timeout=300):
     assert proc.poll() is None, "run_loop.sh finished before the kill point"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # The loop's lock is held by every process of the group until it has exited, and a stage with a model in
-    # memory takes a moment to: wait for them, or a rerun started at once finds the lock held.
+    # The loop's lock (OUT/.lock) is held by every process of the group until it has exited, and a stage with a
+    # model in memory and threads takes a moment to: wait for it, or a rerun started at once finds it held.
     deadline = time.time() + 60
-    while time.time() < deadline and group_alive(proc.pid):
-        time.sleep(0.05)
-
-
-def group_alive(pgid):
-    """True while a process of process group pgid (zombies aside) still runs."""
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            state, _, group = open(stat).read().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state != "Z":
-            return True
-    return False
+    with open(os.path.join(env["OUT"], ".lock"), "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the killed loop's processes still hold its lock after 60 s"
+                time.sleep(0.05)
 
 
 def lines(path):
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
-def assert_same_loop_outputs(a, b):
+def assert_same_loop_outputs(a, b, iters=(1, 2)):
     from safetensors.torch import load_file
 
     def records(out, name):  # iteration 2 names its model by path, under each run's own OUT
         return [json.loads(line.replace(str(out), "OUT")) for line in open(out / name)]
-    for t in (1, 2):
+    for t in iters:
         assert records(a, f"iter{t}/generated.jsonl") == records(b, f"iter{t}/generated.jsonl")
         assert_same_ranked(records(a, f"iter{t}/ranked.jsonl"), records(b, f"iter{t}/ranked.jsonl"))
         wa, wb = (load_file(d / f"iter{t}" / "checkpoint" / "model.safetensors") for d in (a, b))
