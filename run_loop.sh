@@ -103,7 +103,10 @@ shard_launcher() {
 # after a crash.
 sharded() {
     local stage=$1 out=$2 w=$3 s; shift 3
-    if [ -f "$out" ]; then echo "[iter $t] $stage: done earlier ($out)"; status "$stage" "done earlier"; return; fi
+    if [ -f "$out" ]; then  # (a kill between the rename and the clean-up below leaves shard files: gone now)
+        rm -f "$out".[0-9]*
+        echo "[iter $t] $stage: done earlier ($out)"; status "$stage" "done earlier"; return
+    fi
     local start=$SECONDS pids=() n=$(( ${#NODES[@]} > 0 ? ${#NODES[@]} * NPROC / w : NPROC / w ))
     status "$stage" running
     for ((s = 0; s < n; s++)); do

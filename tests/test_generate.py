@@ -1,5 +1,6 @@
 """generate.py on the tiny policy: both engines, seeds, shards, settings refusal, ids, the chat template.
 (Kills and resumes: test_faults.py; bad input: tests/bad_inputs/.)"""
+import hashlib
 import os
 
 import pytest
@@ -37,8 +38,14 @@ def test_engine_output_and_determinism(world, tmp_path, engine):
     assert recs[0]["generate"]["engine"] == engine and recs[0]["generate"]["k"] == 3
     # the K samples of a prompt differ (temperature 0.7), and prompts do not share a stream
     assert sum(len(set(r["responses"])) > 1 for r in recs) >= 10
-    gen(world, b, engine=engine)
-    assert read_jsonl(b) == recs, "same seed must give the same output"
+    # the same seed gives the same output, and shards concatenate to the whole: a response depends on its prompt
+    # and seed only, not on the batch it was drawn in
+    parts = []
+    for i in range(2):
+        gen(world, b, "--shard", f"{i}/2", engine=engine)
+        parts += read_jsonl(b)
+        os.remove(b)
+    assert sorted(parts, key=lambda r: r["id"]) == sorted(recs, key=lambda r: r["id"]), "same seed, same output"
     assert not os.path.exists(str(a) + ".partial")
     gen(world, c := tmp_path / "c.jsonl", "--seed", 1, engine=engine)
     assert [r["responses"] for r in read_jsonl(c)] != [r["responses"] for r in recs], "another seed, other samples"
@@ -82,7 +89,7 @@ def test_release_seed_mode(world, tmp_path):
     assert recs[0]["generate"]["seed_mode"] == "release"
 
 
-@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])  # vLLM: 2 shards above
 def test_shards_concatenate_to_the_whole(world, tmp_path, engine):
     if engine == "vllm":
         require_vllm()
@@ -110,8 +117,26 @@ def test_prompts_without_ids_get_stable_ids(world, tmp_path):
     run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl",
               "--engine", "hf", "--k", 2, "--max-tokens", 16)
     ids = [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")]
-    from common import prompt_id
-    assert ids == [prompt_id("Tell me about cats."), prompt_id("Describe rivers.")]
+    # the README's rule, restated: the first 16 hex digits of the prompt's SHA-1
+    assert ids == [hashlib.sha1(t.encode("utf-8")).hexdigest()[:16] for t in ("Tell me about cats.", "Describe rivers.")]
+
+
+def test_seeds_of_both_modes_through_generate(world, tmp_path):
+    """Two prompts with the same text and different ids: release mode gives them the same answers (one seed per
+    sample index, for every prompt), prompt mode different ones (a stream per id). Release mode's sample p of
+    --seed 3 is drawn with seed 3 + 50 p: sample 1 is sample 0 of a run with --seed 53."""
+    text = read_jsonl(world / "prompts.jsonl")[0]["prompt"]
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": text}, {"id": "b", "prompt": text}])
+
+    def answers(name, *extra):
+        run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / name,
+                  "--engine", "hf", "--max-tokens", 24, *extra)
+        return [r["responses"] for r in read_jsonl(tmp_path / name)]
+    a, b = answers("release.jsonl", "--seed-mode", "release", "--seed", 3, "--k", 3)
+    assert a == b and len(set(a)) == 3
+    assert answers("release53.jsonl", "--seed-mode", "release", "--seed", 53, "--k", 1)[0] == a[1:2]
+    a, b = answers("prompt.jsonl", "--seed", 3, "--k", 3)
+    assert a != b
 
 
 def test_chat_template_single_bos(world):

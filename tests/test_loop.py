@@ -4,15 +4,22 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, read_jsonl
+from test_faults import assert_same_loop_outputs, kill_loop_when
+
+
+def loop_env(world, out, **env):
+    """Two small iterations of configs/tiny.env on the HF engine (the vLLM engine has its own tests) that learn:
+    2 steps of 4 prompts each, lr 1e-3 from the first step (no warm-up, whose first step runs at lr 0)."""
+    return dict(os.environ, SPPO_PROGRESS="0", OMP_NUM_THREADS="1", PYTHON=sys.executable, WORLD=str(world),
+                OUT=str(out), ITERS="2", N_PROMPTS="8", K="3", MAX_TOKENS="32", GEN_ARGS="--engine hf", BATCH="4",
+                MICRO_BATCH="4", EPOCHS="1", WARMUP="0", LR="1e-3") | env
 
 
 def loop(world, out, check=True, **env):
-    """Two small iterations of configs/tiny.env on the HF engine (the vLLM engine has its own tests)."""
-    e = dict(os.environ, SPPO_PROGRESS="0", OMP_NUM_THREADS="1", PYTHON=sys.executable, WORLD=str(world), OUT=str(out), ITERS="2",
-             N_PROMPTS="8", K="3", MAX_TOKENS="32", GEN_ARGS="--engine hf", BATCH="8", MICRO_BATCH="8",
-             EPOCHS="1")
-    e.update(env)
+    e = loop_env(world, out, **env)
     p = subprocess.run(["bash", os.path.join(ROOT, "run_loop.sh"), "configs/tiny.env"], env=e, cwd=ROOT,
                        capture_output=True, text=True)
     if check and p.returncode != 0:
@@ -20,15 +27,21 @@ def loop(world, out, check=True, **env):
     return p
 
 
-def test_two_iterations_then_rerun_does_nothing(world, tmp_path):
-    out = tmp_path / "loop"
-    p = loop(world, out)
+@pytest.fixture(scope="module")
+def learned(world, tmp_path_factory):
+    """One uninterrupted run of the loop, shared by the tests below (none of them changes it)."""
+    out = tmp_path_factory.mktemp("loop") / "loop"
+    return out, loop(world, out)
+
+
+def test_two_iterations_then_rerun_does_nothing(world, learned):
+    out, p = learned
     for t in (1, 2):
         ranked = read_jsonl(out / f"iter{t}" / "ranked.jsonl")
         assert len(ranked) == 8 and all(len(r["win_rate"]) == 3 for r in ranked)
         assert (out / f"iter{t}" / "checkpoint" / "config.json").exists()
         assert not list((out / f"iter{t}").glob("*.jsonl.*")), "shard files are merged and removed"
-    # iteration 2 samples from iteration 1's checkpoint
+        assert len(read_jsonl(out / f"iter{t}" / "checkpoint" / "train_log.jsonl")) == 2
     assert read_jsonl(out / "iter2" / "generated.jsonl")[0]["generate"]["model"] == str(out / "iter1" / "checkpoint")
     assert "6 stages run" in p.stdout
     before = {f: os.path.getmtime(f) for f in out.rglob("*") if f.is_file()}
@@ -38,6 +51,35 @@ def test_two_iterations_then_rerun_does_nothing(world, tmp_path):
     # a run directory holds one experiment: another K is refused, naming the setting
     p = loop(world, out, check=False, K="4")
     assert p.returncode == 2 and "was made with K='3', this run has K='4'" in p.stderr
+
+
+def test_iteration_two_samples_from_what_iteration_one_learned(world, learned):
+    """Iteration 1's checkpoint is not the base, and iteration 2 sampled from it: both iterations answer the
+    same prompts with the same seeds, iteration 1 with the base, so iteration 2's answers differ from them only
+    because its policy does."""
+    from safetensors.torch import load_file
+    out, _ = learned
+    base, it1 = load_file(world / "policy" / "model.safetensors"), load_file(out / "iter1" / "checkpoint" / "model.safetensors")
+    assert base.keys() == it1.keys()
+    assert sum(int((base[k] != it1[k]).sum()) for k in base) > 0.5 * sum(v.numel() for v in base.values())
+    g1, g2 = (read_jsonl(out / f"iter{t}" / "generated.jsonl") for t in (1, 2))
+    assert [(r["id"], r["generate"]["seed"]) for r in g1] == [(r["id"], r["generate"]["seed"]) for r in g2]
+    changed = sum(a != b for r1, r2 in zip(g1, g2) for a, b in zip(r1["responses"], r2["responses"]))
+    assert changed >= 6, f"only {changed} of 24 answers changed"
+
+
+def test_loop_killed_while_training_then_rerun(world, learned, tmp_path):
+    """The loop and its running stage SIGKILLed while iteration 1 trains (OUT/iter1/checkpoint.tmp exists), as a
+    scheduler or a lost machine does; the rerun redoes only the training and ends with the outputs of the
+    uninterrupted run. (One iteration: what follows a finished iteration is the same loop again.)"""
+    out = tmp_path / "loop"
+    env = loop_env(world, out, ITERS="1")
+    kill_loop_when(env, lambda: (out / "iter1" / "checkpoint.tmp").exists())
+    assert (out / "iter1" / "ranked.jsonl").exists() and not (out / "iter1" / "checkpoint").exists()
+    p = loop(world, out, ITERS="1")
+    assert "[iter 1] rank: done earlier" in p.stdout and "1 stages run" in p.stdout
+    assert_same_loop_outputs(out, learned[0], iters=(1,))
+    assert not [f for f in out.rglob("*") if f.name.endswith((".partial", ".tmp")) or ".jsonl." in f.name]
 
 
 def test_failing_stage_stops_and_rerun_continues(world, tmp_path):

@@ -41,17 +41,18 @@ def ranked_records(world, n=16, k=4, seed=0):
     return out
 
 
-def train(world, data, out, *extra, check=True, nproc=None, spy_log=None):
+def train(world, data, out, *extra, check=True, nproc=None, spy_log=None, spy_compute=False):
     """train_sppo.py in 1 process, or under torchrun in nproc; spy_log: a file where tests/spy_models.py
-    logs how each process built its model."""
+    logs how each process built its model (and, with spy_compute, what it computed)."""
     args = ["--model", world / "policy", "--data", data, "--out", out, *TINY, *extra]
-    if nproc is None:
+    if nproc is None and not spy_log:
         return run_stage(TRAIN, *args, check=check, env=ONE_THREAD)
     spy = [os.path.join(ROOT, "tests", "spy_models.py")] if spy_log else []
     # --standalone: a free port, so test runs side by side on one machine do not collide
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           *spy, os.path.join(ROOT, TRAIN), *map(str, args)]
-    env = dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD, **({"SPY_LOG": str(spy_log)} if spy_log else {}))
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    cmd = [sys.executable, *launch, *spy, os.path.join(ROOT, TRAIN), *map(str, args)]
+    env = dict(os.environ, SPPO_PROGRESS="0", **ONE_THREAD, **({"SPY_LOG": str(spy_log)} if spy_log else {}),
+               **({"SPY_COMPUTE": "1"} if spy_compute else {}))
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -180,6 +181,80 @@ def test_checkpoint_reloads_and_rerun_is_idempotent(world, data, trained, tmp_pa
     assert p.returncode == 2 and "lr=0.0003" in p.stderr and "lr=0.0001" in p.stderr
 
 
+# -----------------------------------------------------------------------------
+# the gradient, the schedule, RMSprop and clipping, against a plain re-derivation
+
+def id_records(world, n=8, k=2, seed=3):
+    """Ranked records with generate.py's token ids (short toy answers), so the test and the trainer train
+    exactly the same tokens."""
+    from common import encode_prompt, load_tokenizer
+    tok = load_tokenizer(str(world / "policy"))
+    recs = ranked_records(world, n=n, k=k, seed=seed)
+    for r in recs:
+        r["prompt_token_ids"] = encode_prompt(tok, r["prompt"])
+        r["response_token_ids"] = [tok.encode(a, add_special_tokens=False)[:20] + [tok.eos_token_id] for a in r["responses"]]
+    return recs
+
+
+def plain_gradient(model, recs, eta):
+    """Autograd of the mean SPPO loss over the responses of `recs` at the starting weights (so the policy is
+    the reference and every log-ratio is 0): each sequence alone, unpadded, log-probs from the whole logits."""
+    model.zero_grad()
+    lps, targets = [], []
+    for r in recs:
+        for ids, w in zip(r["response_token_ids"], r["win_rate"]):
+            logits = model(input_ids=torch.tensor([r["prompt_token_ids"] + ids])).logits[0, :-1]
+            logp = torch.log_softmax(logits.float(), -1)[-len(ids):]  # the rows that predict the response
+            lps.append(logp.gather(-1, torch.tensor(ids)[:, None]).sum())
+            targets.append(eta * (w - 0.5))
+    lp = torch.stack(lps)
+    ((lp - lp.detach() - torch.tensor(targets)) ** 2).mean().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_rmsprop_run_gradient_warm_up_and_clipping(world, tmp_path):
+    """The recipe's optimizer on 8 prompts in 2 steps of 4, warm-up ratio 0.5 (1 step), clipping at 1.0:
+    - step 1's grad_norm is the norm of the mean loss's gradient computed here, and step 1 runs at lr 0;
+    - the lr-0 step leaves the weights alone, so step 2's gradient is also taken at the starting weights;
+    - the weights written are w0 - lr g2c / (sqrt(v) + eps), with g1c, g2c the gradients clipped to norm 1,
+      v = 0.99 (0.01 g1c^2) + 0.01 g2c^2 (torch's RMSprop: alpha 0.99, eps 1e-8). RMSprop's first update
+      is blind to a gradient's scale; its second is not: without clipping it would differ (checked)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    eta, lr = 5.0, 1e-3
+    recs = id_records(world)
+    write_jsonl(tmp_path / "ranked.jsonl", recs)
+    out = tmp_path / "ckpt"
+    run_stage(TRAIN, "--model", world / "policy", "--data", tmp_path / "ranked.jsonl", "--out", out, "--eta", eta,
+              "--lr", lr, "--optimizer", "rmsprop", "--warmup-ratio", 0.5, "--batch-size", 4, "--micro-batch-size", 2,
+              "--select", "all", "--seed", 42, env=ONE_THREAD)
+    log = read_jsonl(out / "train_log.jsonl")
+    # the data order: a permutation seeded by --seed, cut into batches of 4 (make_schedule's documented rule)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(42)).tolist()
+    model = AutoModelForCausalLM.from_pretrained(world / "policy", dtype=torch.float32)
+    g1, g2 = plain_gradient(model, [recs[i] for i in perm[:4]], eta), plain_gradient(model, [recs[i] for i in perm[4:]], eta)
+    norm = lambda g: math.sqrt(sum(float((x.double() ** 2).sum()) for x in g.values()))  # noqa: E731
+    assert [x["lr"] for x in log] == [0.0, lr]
+    assert log[0]["grad_norm"] == pytest.approx(norm(g1), rel=1e-4)
+    assert log[1]["grad_norm"] == pytest.approx(norm(g2), rel=1e-4)
+    t2 = [eta * (w - 0.5) for i in perm[4:] for w in recs[i]["win_rate"]]
+    assert log[1]["loss"] == pytest.approx(sum(x * x for x in t2) / len(t2), rel=1e-5)  # still at log-ratio 0
+    assert max(norm(g1), norm(g2)) > 2, "the premise: clipping at 1.0 acts"
+
+    def update(clip):
+        c1, c2 = ((min(1.0, 1.0 / (norm(g) + 1e-6)) if clip else 1.0) for g in (g1, g2))
+        return {n: -lr * c2 * g2[n] / ((0.99 * 0.01 * (c1 * g1[n]) ** 2 + 0.01 * (c2 * g2[n]) ** 2).sqrt() + 1e-8)
+                for n in g1}
+    w0, w1 = model.state_dict(), load_file(out / "model.safetensors")
+    moved = {n: w1[n] - w0[n] for n in w1}
+
+    def rel_err(expected):
+        return math.sqrt(sum(float(((moved[n] - expected[n]) ** 2).sum()) for n in moved) /
+                         sum(float((expected[n] ** 2).sum()) for n in moved))
+    assert rel_err(update(clip=True)) < 1e-4  # measured 2.5e-6
+    assert rel_err(update(clip=False)) > 0.05  # measured 0.12
+
+
 @pytest.mark.slow
 def test_vllm_loads_the_checkpoint(world, trained, tmp_path):
     from conftest import require_vllm
@@ -251,6 +326,35 @@ def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
     assert json.load(open(two / "sppo_train.json"))["stats"]["processes"] == 2
     assert not os.path.exists(str(two) + ".tmp")
+
+
+def test_torchrun_bf16_and_gradient_checkpointing_two_processes_equal_one(world, data, tmp_path):
+    """The recipe's compute settings through train_sppo.load_model: --dtype bf16 --gradient-checkpointing in 1
+    process (bf16 autocast) and in 2 (FSDP2's bf16 mixed-precision policy, fp32 master weights and gradient
+    reduction). The spy sees both in every process: its linear layers compute in bf16, and their forward runs
+    again inside backward (checkpointing). The two paths round in different places (autocast keeps some ops in
+    fp32 that FSDP's cast runs in bf16), and bf16 keeps 8 significant bits (a relative step of 2^-8 = 0.4%), so
+    they agree to a few bf16 steps, not to fp32's 1e-5: step 1's gradient norm to 1% (measured 0.25%), step 2's
+    loss and gradient norm to 3% (measured 0.8%: step 1's rounding is in the weights by then), the weights'
+    change to 25% of its size (measured 10%: AdamW moves each weight by about lr whatever its gradient's size, so
+    a gradient near 0 that rounding flips flips its weight's step)."""
+    settings = ["--epochs", 1, "--batch-size", 8, "--micro-batch-size", 2, "--dtype", "bf16", "--gradient-checkpointing"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, None), (two, 2)):
+        train(world, data, out, *settings, nproc=nproc, spy_log=tmp_path / f"{out.name}.spy", spy_compute=True)
+        computed = [r for r in read_jsonl(tmp_path / f"{out.name}.spy") if "dtypes" in r]
+        assert sorted(r["rank"] for r in computed) == list(range(nproc or 1))
+        assert all(r["dtypes"] == ["torch.bfloat16"] and r["in_backward"] > 0 for r in computed), computed
+        assert json.load(open(out / "sppo_train.json"))["settings"]["dtype"] == "bf16"
+    a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
+    assert len(a) == len(b) == 2 and a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-2)
+    assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=3e-2)
+    assert a[1]["grad_norm"] == pytest.approx(b[1]["grad_norm"], rel=3e-2)
+    from safetensors.torch import load_file
+    w0 = load_file(world / "policy" / "model.safetensors")
+    wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert sum(float(((wb[k] - wa[k]) ** 2).sum()) for k in w0) < 0.25 ** 2 * sum(float(((wa[k] - w0[k]) ** 2).sum()) for k in w0)
 
 
 # -----------------------------------------------------------------------------
