@@ -12,24 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT, require_vllm, run_stage
-
-# A stand-in for $PYTHON: it records how each stage was started (its arguments, CUDA_VISIBLE_DEVICES,
-# VLLM_CACHE_ROOT) and writes an empty output where the stage would write one, so the loop goes on. The loop's
-# own settings check (common.py) runs for real.
-SPY = """#!{python}
-import json, os, sys
-args = sys.argv[1:]
-if args[:1] == ["common.py"]:
-    os.execv(sys.executable, [sys.executable, *args])
-with open(os.environ["SPY_LOG"], "a") as f:
-    f.write(json.dumps({{"args": args, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                        "cache": os.environ.get("VLLM_CACHE_ROOT")}}) + "\\n")
-out = args[args.index("--out") + 1]
-if any(a.endswith("train_sppo.py") for a in args):
-    os.makedirs(out)
-else:
-    open(out, "w").close()
-"""
+from test_slurm import SPY  # a stand-in for $PYTHON that records how each stage was started
 
 
 def spy_loop(tmp_path, **env):
