@@ -409,6 +409,56 @@ def end_of_turn_id(tok):
     return tok.convert_tokens_to_ids(min(found)[1]) if found else tok.eos_token_id
 
 
+# -----------------------------------------------------------------------------
+# watching a run live: TensorBoard or Weights & Biases (train_sppo.py's steps, evaluate.py's win rates)
+
+class Reporter:
+    """report(metrics, step) sends named numbers to TensorBoard or W&B (rank 0 only); close() flushes. One that
+    fails warns once and stops: a run never fails because of its dashboard."""
+
+    def __init__(self, kind, send=None, close=None):
+        self.kind, self.send, self.closer = kind, send, close
+
+    def __call__(self, metrics, step):
+        if self.send is not None:
+            try:
+                self.send(metrics, step)
+            except Exception as e:  # a dashboard's library can raise anything; none of it may stop training
+                self.fail(e)
+
+    def fail(self, e):
+        print(f"warning: --report-to {self.kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+              "the run goes on without it", file=sys.stderr, flush=True)
+        self.send = self.closer = None
+
+    def close(self):
+        if self.closer is not None:
+            try:
+                self.closer()
+            except Exception as e:
+                self.fail(e)
+
+
+def open_reporter(kind, logdir, name, config, purge_step=None):
+    """A Reporter for --report-to KIND: TensorBoard event files in logdir, or a W&B run (offline with
+    WANDB_MODE=offline) in logdir's parent, its id derived from `name` so a rerun continues it; "none": one that
+    sends nothing. One that cannot start (the package missing, no account, a bad directory) warns and sends nothing."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=10)
+            send = lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()]  # noqa: E731
+            return Reporter(kind, send, writer.close)
+        if kind == "wandb":
+            import wandb
+            wb = wandb.init(project="sppo", name=name, dir=os.path.dirname(logdir), config=config, resume="allow",
+                            id=hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:16])
+            return Reporter(kind, lambda metrics, step: wb.log(metrics, step=step), wb.finish)
+    except Exception as e:  # warn and go on
+        Reporter(kind).fail(e)
+    return Reporter(kind)
+
+
 if __name__ == "__main__":  # run_loop.sh: python common.py check-run-settings OUT/settings.txt NAME=VALUE ...
     if sys.argv[1:2] == ["check-run-settings"] and len(sys.argv) > 2:
         main_guard(lambda: check_run_settings(sys.argv[2], sys.argv[3:]))

@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from common import InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, progress, prompt_id, read_jsonl
+from common import (InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, open_reporter, progress,
+                    prompt_id, read_jsonl)
 from pairrm import DTYPES, sigmoid  # numpy only: importing pairrm or preference loads no model code
 from preference import JUDGE_TEMPLATE, KINDS, check_preference_path, detect_kind, read_judge_template
 from preference import settings as kind_settings
@@ -266,6 +267,18 @@ def markdown_table(results, base_name, ranker, kind="pairrm"):
     return "\n".join(lines) + "\n"
 
 
+def report_win_rates(results, args):
+    """The win rates on the run's dashboard (--report-to): one step per model, in --models order (base, iter1, ...),
+    so TensorBoard draws them as curves over the iterations, beside train_sppo.py's runs."""
+    # purge_step 0: a rerun's numbers replace the earlier run's in TensorBoard instead of doubling them
+    report = open_reporter(args.report_to, os.path.join(args.out, "tensorboard"), args.out, {"ranker": args.ranker},
+                           purge_step=0)
+    for step, r in enumerate(results.values()):
+        report({"eval/win_rate": r["win_rate"], "eval/lc_win_rate": r["lc_win_rate"],
+                "eval/mean_length": r["mean_length"]}, step)
+    report.close()
+
+
 def plot(path, results, base_name):
     import matplotlib
     matplotlib.use("Agg")
@@ -314,6 +327,8 @@ def parser():
                     "for the others on cuda, fp32 on cpu)")
     ap.add_argument("--write-every", type=int, default=256, help="prompts per judging chunk; finished ones are saved")
     ap.add_argument("--verbose", action="store_true", help="show vLLM's INFO log while generating")
+    ap.add_argument("--report-to", choices=["tensorboard", "wandb", "none"], default="tensorboard",
+                    help="also send the win rates to TensorBoard (OUT/tensorboard) or W&B, one step per model")
     return ap
 
 
@@ -426,6 +441,7 @@ def main():
     write_json(os.path.join(args.out, "results.json"),
                {"baseline": base_name, "ranker": args.ranker, "ranker_kind": args.ranker_kind, "prompts": args.prompts or args.reference_outputs,
                 "n_prompts": len(kept), "length_unit": "characters", "models": results})
+    report_win_rates(results, args)
     table = markdown_table(results, base_name, args.ranker, args.ranker_kind)
     write_text(os.path.join(args.out, "results.md"), table)
     plot(os.path.join(args.out, "winrate.png"), results, base_name)

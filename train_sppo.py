@@ -52,7 +52,7 @@ import sys
 import time
 import warnings
 
-from common import (InputError, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
+from common import (InputError, open_reporter, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
                     fault_point, field, load_tokenizer, main_guard, read_jsonl)
 
 
@@ -902,36 +902,6 @@ def log_step(last, n_steps, log, report, run):
            | {"train/peak_memory_gb": run.local_peak_memory() / 2**30}, last["step"])
 
 
-# -----------------------------------------------------------------------------
-# watching a run live: TensorBoard or Weights & Biases, beside train_log.jsonl
-
-class Reporter:
-    """report(metrics, step) sends named numbers to TensorBoard or W&B (rank 0 only); close() flushes. One that
-    fails warns once and stops: a run never fails because of its dashboard."""
-
-    def __init__(self, kind, send=None, close=None):
-        self.kind, self.send, self.closer = kind, send, close
-
-    def __call__(self, metrics, step):
-        if self.send is not None:
-            try:
-                self.send(metrics, step)
-            except Exception as e:  # a dashboard's library can raise anything; none of it may stop training
-                self.fail(e)
-
-    def fail(self, e):
-        print(f"warning: --report-to {self.kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-              "training goes on without it", file=sys.stderr, flush=True)
-        self.send = self.closer = None
-
-    def close(self):
-        if self.closer is not None:
-            try:
-                self.closer()
-            except Exception as e:
-                self.fail(e)
-
-
 def report_dir(out):
     """Where TensorBoard writes: OUT's directory/tensorboard (run_loop.sh: one run per iteration,
     `tensorboard --logdir runs/NAME` shows them side by side); W&B writes its own wandb/ beside it."""
@@ -939,25 +909,11 @@ def report_dir(out):
 
 
 def start_reporter(args, settings, examples, data_stats, start, run):
-    """The run's Reporter, the iteration's data already sent (at step 0): prompts, what was cut or skipped, and
-    the distribution of the trained responses' win rates W."""
-    if args.report_to == "none" or not run.master:
-        return Reporter(args.report_to)
-    try:
-        if args.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-            # purge_step: a resumed run hides the steps after its state that the killed run had logged
-            writer = SummaryWriter(report_dir(args.out), purge_step=start + 1 if start else None, flush_secs=10)
-            send = lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()]  # noqa: E731
-            report = Reporter("tensorboard", send, writer.close)
-        else:
-            import wandb  # offline with WANDB_MODE=offline; the run id follows OUT, so a resumed run continues it
-            wb = wandb.init(project="sppo", name=args.out, dir=os.path.dirname(report_dir(args.out)), config=settings,
-                            resume="allow", id=hashlib.sha1(os.path.abspath(args.out).encode()).hexdigest()[:16])
-            report = Reporter("wandb", lambda metrics, step: wb.log(metrics, step=step), wb.finish)
-    except Exception as e:  # not installed, no account, a bad directory: warn and train
-        Reporter(args.report_to).fail(e)
-        return Reporter(args.report_to)
+    """The run's reporter (common.open_reporter: TensorBoard under OUT's directory/tensorboard, or W&B), the
+    iteration's data already sent (at step 0): prompts, what was cut or skipped, and the distribution of the
+    trained responses' win rates W. A resumed run hides the steps after its state that the killed run had logged."""
+    kind = args.report_to if run.master else "none"
+    report = open_reporter(kind, report_dir(args.out), args.out, settings, purge_step=start + 1 if start else None)
     if not start:
         w = sorted(x for e in examples for x in e["win_rate"])
         report({"data/prompts": len(examples), "data/responses": len(w), "data/cut_prompts": data_stats["cut_prompts"],

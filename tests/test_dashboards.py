@@ -90,7 +90,7 @@ def test_a_reporter_that_cannot_start_warns_once_and_training_goes_on(world, dat
     out = tmp_path / "ckpt"
     p = train(world, data, out, "--report-to", "tensorboard")
     warnings = [line for line in p.stderr.splitlines() if "--report-to tensorboard" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "training goes on" in warnings[0]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "the run goes on" in warnings[0]
     assert len(read_jsonl(out / "train_log.jsonl")) == 4 and (out / "model.safetensors").exists()
 
 

@@ -136,6 +136,14 @@ def test_outputs(ws):
     table = (out / "results.md").read_text()
     assert "| iter1 |" in table and table in ws["first"].stdout
     assert (out / "winrate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the win rates on the dashboard too (--report-to tensorboard, the default): one step per model, in order
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for tag, key in (("eval/win_rate", "win_rate"), ("eval/lc_win_rate", "lc_win_rate")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [0, 1]
+        assert [s.value for s in scalars] == pytest.approx([res["models"][n][key] for n in ("base", "iter1")], abs=1e-6)
 
 
 def test_judgments_are_pairrm_both_orders(ws):
