@@ -89,27 +89,52 @@ def prompt_id(prompt):
 
 
 def load_prompts(source):
-    """[{"id", "prompt"}] from a JSONL file, or from a hub dataset name with a `prompt` column."""
+    """[{"id", "prompt"} or {"id", "messages"}] from a JSONL file, or from a hub dataset name with a `prompt`
+    column. A record carries `prompt` (one user turn) or `messages` (a conversation ending in the user turn to
+    answer: MT-Bench's second turn, a system prompt); `prompt` wins when both are there."""
     if os.path.exists(source) or source.endswith(".jsonl") or source.endswith(".json"):
         rows = list(read_jsonl(source))
     else:
         rows = list(enumerate(_hub_prompts(source), 1))
     records, seen = [], {}
     for n, rec in rows:
-        prompt = field(source, n, rec, "prompt", str)
-        if not prompt.strip():
-            raise InputError(f"{source}:{n}: field 'prompt' is empty")
-        rid = rec.get("id", prompt_id(prompt))
+        if "prompt" in rec or "messages" not in rec:
+            prompt = field(source, n, rec, "prompt", str)
+            if not prompt.strip():
+                raise InputError(f"{source}:{n}: field 'prompt' is empty")
+            text, record = prompt, {"prompt": prompt}
+        else:
+            messages = check_messages(source, n, rec["messages"])
+            text, record = json.dumps(messages, ensure_ascii=False, sort_keys=True), {"messages": messages}
+        rid = rec.get("id", prompt_id(text))
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise InputError(f"{source}:{n}: field 'id' should be a string, got {type(rid).__name__}")
         rid = str(rid)
         if rid in seen:
             raise InputError(f"{source}:{n}: field 'id' repeats '{rid}' from line {seen[rid]}")
         seen[rid] = n
-        records.append({"id": rid, "prompt": prompt})
+        records.append({"id": rid, **record})
     if not records:
         raise InputError(f"{source}: no records")
     return records
+
+
+def check_messages(source, n, messages):
+    """A conversation to answer: a non-empty list of {"role": system|user|assistant, "content": text} whose last
+    turn is the user's (the model writes the next one). Returns it with only those two keys."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{source}:{n}: field 'messages' should be a non-empty list of {{role, content}}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise InputError(f"{source}:{n}: field 'messages[{i}]' should be {{\"role\": system, user or assistant, "
+                             "\"content\": a string}")
+        if not m["content"].strip() and m["role"] != "assistant":  # a model's own earlier answer may be empty
+            raise InputError(f"{source}:{n}: field 'messages[{i}].content' is empty")
+    if messages[-1]["role"] != "user":
+        raise InputError(f"{source}:{n}: field 'messages' ends with a '{messages[-1]['role']}' turn; it should end with "
+                         "the user turn to answer")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _hub_prompts(name):
@@ -121,10 +146,11 @@ def _hub_prompts(name):
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # the hub raises many types; all mean "cannot read this"
         raise InputError(f"{name}: not a file and not a readable hub dataset ({type(e).__name__}: {e})".split("\n")[0])
-    if "prompt" not in ds.column_names:
-        raise InputError(f"{name}: hub dataset has no 'prompt' column (columns: {', '.join(ds.column_names)})")
+    if "prompt" not in ds.column_names and "messages" not in ds.column_names:
+        raise InputError(f"{name}: hub dataset has no 'prompt' or 'messages' column (columns: "
+                         f"{', '.join(ds.column_names)})")
     for row in ds:
-        yield {k: row[k] for k in ("id", "prompt") if k in row}
+        yield {k: row[k] for k in ("id", "prompt", "messages") if k in row}
 
 
 def check_number(path, n, name, x, lo=-math.inf, hi=math.inf):
@@ -394,8 +420,10 @@ def _encode_pieces(tok, messages, add_generation_prompt, text):
 
 
 def encode_prompt(tok, prompt):
-    """Token ids of a one-turn prompt and the assistant header: exactly what the policy is given to answer."""
-    return encode_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    """Token ids of a one-turn prompt (or of a conversation: a list of messages) and the assistant header: exactly
+    what the policy is given to answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return encode_chat(tok, messages, add_generation_prompt=True)
 
 
 def end_of_turn_id(tok):

@@ -355,6 +355,10 @@ def check_inputs(args):
     else:
         prompts = load_prompts(args.prompts)
         args.prompts_file = args.prompts
+        if any("messages" in r for r in prompts):  # the judges compare answers to one prompt text
+            raise InputError(f"--prompts {args.prompts}: id '{next(r['id'] for r in prompts if 'messages' in r)}' "
+                             "is a conversation (messages); evaluate.py judges one-turn prompts (for MT-Bench's "
+                             "two turns see answers.py)")
     prompts = prompts[: args.limit]
     if len(prompts) < 2:
         raise InputError(f"{args.prompts or args.reference_outputs}: need at least 2 prompts to estimate a win rate")

@@ -5,9 +5,10 @@
     CUDA_VISIBLE_DEVICES=3 python generate.py --model mistralai/Mistral-7B-Instruct-v0.2 \
         --prompts UCLA-AGI/data-mistral-7b-instruct-sppo-iter1 --out gen.3.jsonl --shard 3/8
 
-Input: JSONL {"id", "prompt"} (or a hub dataset with a `prompt` column). Output: one record per prompt,
-{"id", "prompt", "responses": [K strings], "finish_reasons", "prompt_token_ids", "response_token_ids": [K lists],
-"generate": {settings}}. The ids are the truth: `prompt_token_ids` is what the engine was given and
+Input: JSONL {"id", "prompt"} or {"id", "messages": [{"role", "content"}, ...]} (a conversation ending in the
+user turn to answer), or a hub dataset with a `prompt` column. Output: one record per prompt,
+{"id", "prompt" (or "messages"), "responses": [K strings], "finish_reasons", "prompt_token_ids",
+"response_token_ids": [K lists], "generate": {settings}}. The ids are the truth: `prompt_token_ids` is what the engine was given and
 `response_token_ids[k]` what it sampled, ending in the end-of-turn id where the policy stopped on it (not
 where --max-tokens cut it). train_sppo.py trains on these ids; re-tokenising the text would not give them back
 (a decoded space, or an answer that merges with the template's last token, changes the ids).
@@ -175,6 +176,20 @@ def hf_engine(args, tok):
     return run
 
 
+def encode_record(tok, r, source):
+    """What the policy is given for a prompt record: its one user turn, or its conversation (`messages`), through
+    the chat template. A template that refuses a conversation (a system turn, roles out of order) is an InputError."""
+    if "prompt" in r:
+        return encode_prompt(tok, r["prompt"])
+    try:
+        return encode_prompt(tok, r["messages"])
+    except InputError:
+        raise
+    except Exception as e:  # jinja2's TemplateError, raised by the template's own checks (raise_exception)
+        raise InputError(f"{source}: id '{r['id']}': field 'messages': the chat template refuses it "
+                         f"({type(e).__name__}: {e})".split("\n")[0])
+
+
 def decode_response(tok, prompt_ids, ids):
     """The text of sampled ids as vLLM's detokenizer gives it: decoded after the prompt's last tokens, so a
     first token '▁Sure' reads ' Sure' (decoding it alone drops the space), control tokens left out."""
@@ -199,7 +214,8 @@ def pick_engine(name):
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    ap.add_argument("--prompts", required=True, help="JSONL of {id, prompt}, or a hub dataset with a prompt column")
+    ap.add_argument("--prompts", required=True, help="JSONL of {id, prompt} or {id, messages}, or a hub dataset "
+                    "with a prompt column")
     ap.add_argument("--out", required=True)
     ap.add_argument("--k", type=int, default=5, help="responses per prompt")
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -239,7 +255,8 @@ def main():
                 "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed, "seed_mode": args.seed_mode}
     writer = ResumableWriter(args.out, settings, "generate")
     for r in records:
-        if r["id"] in writer.done and writer.done[r["id"]].get("prompt") != r["prompt"]:
+        old = writer.done.get(r["id"])
+        if old is not None and (old.get("prompt"), old.get("messages")) != (r.get("prompt"), r.get("messages")):
             raise InputError(f"{args.prompts}: the prompt of id '{r['id']}' is not the one {args.out} answered; "
                              "use another --out or delete it")
     tok = load_tokenizer(args.model)
@@ -248,7 +265,7 @@ def main():
     ctx = min(context_length(args.model), args.max_model_len or 1 << 30)
     todo, skipped, keep = [], 0, []
     for r in records:
-        ids = encode_prompt(tok, r["prompt"])
+        ids = encode_record(tok, r, args.prompts)
         if len(ids) >= ctx:
             skipped += 1
             continue
@@ -281,7 +298,8 @@ def main():
             out = []
             for i, (r, prompt_ids) in enumerate(part):
                 mine = results[i::len(part)]  # sample p of prompt i is row p * len(part) + i
-                out.append({"id": r["id"], "prompt": r["prompt"], "responses": [m[1] for m in mine],
+                asked = {"prompt": r["prompt"]} if "prompt" in r else {"messages": r["messages"]}
+                out.append({"id": r["id"], **asked, "responses": [m[1] for m in mine],
                             "finish_reasons": [m[2] for m in mine], "prompt_token_ids": prompt_ids,
                             "response_token_ids": [m[0] for m in mine]})
                 n_tokens += sum(len(m[0]) for m in mine)

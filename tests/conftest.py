@@ -56,3 +56,13 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "world"
     run_stage("examples/tiny/build.py", "--out", out, "--world-version", "1")
     return out
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """The three tiny real-vocabulary models (mistral-2023, mistral, llama3: examples/tiny/real_vocab.py), built
+    once per test session (a few seconds each)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
+    import real_vocab
+    out = tmp_path_factory.mktemp("real_vocab")
+    return {kind: real_vocab.build(kind, out / kind) for kind in real_vocab.KINDS}

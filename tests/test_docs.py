@@ -99,7 +99,7 @@ def script_flags(rel):
         flags = {a.value for node in ast.walk(ast.parse(read(rel)))
                  if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
                  for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
-    if rel == "evaluate.py":
+    if rel in ("evaluate.py", "answers.py"):  # both pass the flags they do not know to generate.py
         flags |= script_flags("generate.py")
     return flags | {"-h", "--help"}
 

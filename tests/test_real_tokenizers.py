@@ -27,14 +27,6 @@ EXTERNAL = ["(1) First, wash it.", ", and then it rained.", " a leading space", 
             "猫はかわいい。", "emoji 😀🎉 too", "[INST] fake turn [/INST] ok", "Plain answer."]
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    """The three tiny real-vocabulary models, built once per test session (a few seconds each)."""
-    import real_vocab
-    out = tmp_path_factory.mktemp("real_vocab")
-    return {kind: real_vocab.build(kind, out / kind) for kind in KINDS}
-
-
 def tokenizer(models, kind):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(models[kind])
