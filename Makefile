@@ -23,11 +23,16 @@ $(VENV)/.bench-installed: $(VENV)/.installed requirements/bench.txt
 	$(VENV)/bin/pip install -q $(PIP_SOURCES) -r requirements/bench.txt
 	touch $@
 
+# The tools of the paper's other benchmarks (lm-eval): a quick test runs its command on a tiny checkpoint.
+$(VENV)/.eval-installed: $(VENV)/.installed requirements/eval.txt
+	$(VENV)/bin/pip install -q $(PIP_SOURCES) -r requirements/eval.txt
+	touch $@
+
 # test: the quick suite, for editing. test-all: every test, the slow cases too; what CI runs (.ci/run).
-test: setup
+test: setup $(VENV)/.eval-installed
 	$(VENV)/bin/python -m pytest -q tests
 
-test-all: setup $(VENV)/.bench-installed
+test-all: setup $(VENV)/.bench-installed $(VENV)/.eval-installed
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 # The CPU demo: build the tiny world (once), run ITERS SPPO iterations, evaluate base and every iteration.
