@@ -132,8 +132,8 @@ def check_messages(source, n, messages):
         if not m["content"].strip() and m["role"] != "assistant":  # a model's own earlier answer may be empty
             raise InputError(f"{source}:{n}: field 'messages[{i}].content' is empty")
     if messages[-1]["role"] != "user":
-        raise InputError(f"{source}:{n}: field 'messages' ends with a '{messages[-1]['role']}' turn; it should end with "
-                         "the user turn to answer")
+        raise InputError(f"{source}:{n}: field 'messages' ends with a '{messages[-1]['role']}' turn; it should end "
+                         "with the user turn to answer")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

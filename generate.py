@@ -8,10 +8,10 @@
 Input: JSONL {"id", "prompt"} or {"id", "messages": [{"role", "content"}, ...]} (a conversation ending in the
 user turn to answer), or a hub dataset with a `prompt` column. Output: one record per prompt,
 {"id", "prompt" (or "messages"), "responses": [K strings], "finish_reasons", "prompt_token_ids",
-"response_token_ids": [K lists], "generate": {settings}}. The ids are the truth: `prompt_token_ids` is what the engine was given and
-`response_token_ids[k]` what it sampled, ending in the end-of-turn id where the policy stopped on it (not
-where --max-tokens cut it). train_sppo.py trains on these ids; re-tokenising the text would not give them back
-(a decoded space, or an answer that merges with the template's last token, changes the ids).
+"response_token_ids": [K lists], "generate": {settings}}. The ids are the truth: `prompt_token_ids` is what the
+engine was given and `response_token_ids[k]` what it sampled, ending in the end-of-turn id where the policy
+stopped on it (not where --max-tokens cut it). train_sppo.py trains on these ids; re-tokenising the text would
+not give them back (a decoded space, or an answer that merges with the template's last token, changes the ids).
 
 Seeds. --seed-mode prompt (default): each prompt samples from its own stream, seeded by hash(seed, id), so
 a response depends only on its prompt and the seed, never on batching, sharding or resuming, and no two

@@ -176,7 +176,8 @@ def test_turns_are_asked_in_order_stripped_and_grouped_by_temperature(monkeypatc
 def test_bad_question_files_are_one_line(world, tmp_path):
     cases = {"mt-bench": [({"question_id": 1, "category": "math", "turns": []}, "field 'turns' should be"),
                           ({"question_id": 1, "turns": ["x"]}, "field 'category' is missing")],
-             "arena-hard": [({"question_id": 1, "turns": [{"content": "x"}]}, "field 'uid' is missing: this is the older Arena-Hard format"),
+             "arena-hard": [({"question_id": 1, "turns": [{"content": "x"}]},
+                             "field 'uid' is missing: this is the older Arena-Hard format"),
                             ({"uid": "u", "prompt": ""}, "field 'prompt' is empty")]}
     for bench, bad in cases.items():
         for rec, error in bad:
