@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from common import InputError, field, main_guard, read_jsonl
+from common import InputError, field, is_hub_id, main_guard, read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -173,6 +173,10 @@ def main():
     args, args.generate_args = parser().parse_known_args()  # the rest is generate.py's: --engine, --dtype, ...
     if not args.out.endswith(".jsonl"):
         raise InputError(f"--out {args.out}: should be NAME.jsonl (the tools name a model by its answer file)")
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InputError(f"--model {args.model}: has no config.json (not a checkpoint)")
+    if not os.path.isdir(args.model) and not is_hub_id(args.model):
+        raise InputError(f"--model {args.model}: no such checkpoint directory")
     args.max_tokens = args.max_tokens or DEFAULTS[args.bench]["max_tokens"]
     questions = (read_mt_bench if args.bench == "mt-bench" else read_arena_hard)(args.questions)[: args.limit]
     if not questions:

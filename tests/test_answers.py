@@ -186,6 +186,12 @@ def test_bad_question_files_are_one_line(world, tmp_path):
                           "--out", tmp_path / "a" / "m.jsonl", check=False)
             assert p.returncode == 2 and f"q.jsonl:1: {error}" in p.stderr.strip().splitlines()[-1], p.stderr
             assert not os.path.exists(tmp_path / "a" / "m.jsonl")
+    write_jsonl(tmp_path / "q.jsonl", TWO_TURNS)
+    for model, error in ((tmp_path / "nope", "no such checkpoint directory"), (tmp_path, "has no config.json (not a checkpoint)")):
+        p = run_stage("answers.py", "mt-bench", "--model", model, "--questions", tmp_path / "q.jsonl", "--out",
+                      tmp_path / "a" / "m.jsonl", check=False)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"error: --model {model}: {error}"]
+        assert not os.path.exists(tmp_path / "a")  # nothing written, not even the work directory
 
 
 # -----------------------------------------------------------------------------
