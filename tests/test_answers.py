@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import read_jsonl, run_stage, write_jsonl
+from conftest import read_jsonl, require_vllm, run_stage, write_jsonl
 
 from common import InputError, load_prompts  # noqa: E402
 
@@ -108,12 +108,17 @@ def test_evaluate_refuses_conversations(world, tmp_path):
 # -----------------------------------------------------------------------------
 # MT-Bench: FastChat's own code reads the answers
 
-def test_mt_bench_answers_are_read_and_judged_by_fastchat(world, tmp_path, monkeypatch):
+# vLLM (what a GPU runs) with one temperature for both questions: two engine starts instead of four on the CPU.
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_mt_bench_answers_are_read_and_judged_by_fastchat(world, tmp_path, monkeypatch, engine):
     from fastchat.llm_judge import common as fc
     write_jsonl(tmp_path / "question.jsonl", TWO_TURNS)
     out = tmp_path / "model_answer" / "tiny-sppo.jsonl"
+    if engine == "vllm":
+        require_vllm()
+    one = ["--temperature", 0, "--kv-cache-gb", 0.1] if engine == "vllm" else []
     run_stage("answers.py", "mt-bench", "--model", world / "policy", "--questions", tmp_path / "question.jsonl",
-              "--out", out, "--engine", "hf", "--max-tokens", 12)
+              "--out", out, "--engine", engine, "--max-tokens", 12, *one)
 
     questions = fc.load_questions(str(tmp_path / "question.jsonl"), None, None)
     answers = fc.load_model_answers(str(tmp_path / "model_answer"))
@@ -127,7 +132,7 @@ def test_mt_bench_answers_are_read_and_judged_by_fastchat(world, tmp_path, monke
     tok = tokenizer(world / "policy")
     work = str(out) + ".work"
     for q in questions:
-        t = fc.temperature_config[q["category"]]  # FastChat's temperature for the category
+        t = 0.0 if one else fc.temperature_config[q["category"]]  # FastChat's temperature for the category
         first, second = answers["tiny-sppo"][q["question_id"]]["choices"][0]["turns"]
         rec, = [r for r in read_jsonl(f"{work}/turn2.t{t:g}.jsonl") if r["id"] == str(q["question_id"])]
         conv = [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": first},
