@@ -1,4 +1,4 @@
-"""Answers to the paper's other benchmarks, from any checkpoint, in the benchmarks' own answer formats.
+r"""Answers to the paper's other benchmarks, from any checkpoint, in the benchmarks' own answer formats.
 
     # MT-Bench (FastChat's llm_judge): turn 2 is asked after the model's own answer to turn 1
     python answers.py mt-bench --model runs/mistral7b/iter3/checkpoint \

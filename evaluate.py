@@ -1,4 +1,4 @@
-"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM (or a reward model or an LLM
+r"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM (or a reward model or an LLM
 judge: --ranker, --ranker-kind; docs/preference-models.md), AlpacaEval-style.
 
     python evaluate.py --models base=runs/tiny/world/policy iter1=runs/tiny/iter1/checkpoint \

@@ -1,4 +1,4 @@
-"""Stage 1 of SPPO: sample K responses per prompt from the current policy.
+r"""Stage 1 of SPPO: sample K responses per prompt from the current policy.
 
     python generate.py --model runs/tiny/world/policy --prompts runs/tiny/world/prompts.jsonl --out gen.jsonl
     # one process per GPU, each on its own shard; `cat` the outputs afterwards:

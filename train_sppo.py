@@ -1,4 +1,4 @@
-"""Stage 3 of SPPO: train pi_{t+1} from pi_t on ranked responses, and write a checkpoint the next iteration loads.
+r"""Stage 3 of SPPO: train pi_{t+1} from pi_t on ranked responses, and write a checkpoint the next iteration loads.
 
     python train_sppo.py --model runs/tiny/world/policy --data runs/tiny/iter1/ranked.jsonl \
         --out runs/tiny/iter1/checkpoint --eta 5 --lr 1e-4 --optimizer adamw --batch-size 32
