@@ -209,7 +209,8 @@ def fault_point(name, before_kill=None):
     in place, OUT.partial not yet removed), train-step (train_sppo.py: a step logged in OUT.tmp),
     checkpoint-weights (the weights saved in OUT.tmp, not the tokenizer), checkpoint-written (OUT.tmp
     complete, not yet renamed), state-shards (train_sppo.py: a training state's shards written in
-    OUT.state/step-N.tmp, not its train_state.json, not yet renamed). Unset, it does nothing. before_kill() runs just before the kill."""
+    OUT.state/step-N.tmp, not its train_state.json, not yet renamed). Unset, it does nothing. before_kill() runs
+    just before the kill."""
     spec = os.environ.get("SPPO_FAULT")
     if not spec or spec.partition(":")[0] != name:
         return

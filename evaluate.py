@@ -22,7 +22,7 @@ judge: --ranker, --ranker-kind; docs/preference-models.md), AlpacaEval-style.
    rate the model would have at equal length (AlpacaEval 2.0's GLM without its per-instruction terms).
 
 Writes OUT/results.json, OUT/results.md (also printed), OUT/winrate.png, and OUT/alpaca_eval/NAME/model_outputs.json
-([{"instruction", "output", "generator"}]) for each model, to score with AlpacaEval's own judge (README):
+([{"instruction", "output", "generator"}]) for each model, to score with AlpacaEval's own judge (docs/reproducing.md):
     alpaca_eval --model_outputs OUT/alpaca_eval/iter3/model_outputs.json --reference_outputs REFERENCE.json \
         --annotators_config weighted_alpaca_eval_gpt4_turbo
 with a warning when they are not AlpacaEval's 805 instructions in its order (its LC would then misalign).
