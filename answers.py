@@ -126,9 +126,9 @@ def answer_all(args, questions):
     """{question id: [answer to turn 1, turn 2, ...]}: turn j of every question is asked after its answers to the
     turns before it. A question whose turn is not answered (longer than the model's context) stops there."""
     answers = {str(q): [] for q, _, _ in questions}
+    temps = {str(q): temperature(args, category) for q, category, _ in questions}
     for j in range(max(len(turns) for _, _, turns in questions)):
-        asked = [(str(q), t) for q, category, t in questions if len(t) > j and len(answers[str(q)]) == j]
-        temps = {str(q): temperature(args, category) for q, category, _ in questions}
+        asked = [(str(q), t) for q, _, t in questions if len(t) > j and len(answers[str(q)]) == j]
         for temp in sorted({temps[q] for q, _ in asked}):
             group = [{"id": q, "messages": conversation(t, answers[q])} for q, t in asked if temps[q] == temp]
             got = generate(args, f"turn{j + 1}.t{temp:g}", group, temp)
