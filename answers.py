@@ -26,13 +26,10 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 
-from common import InputError, field, is_hub_id, main_guard, read_jsonl
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from common import InputError, field, is_hub_id, main_guard, read_jsonl, run_generate, write_text
 
 # FastChat's llm_judge/common.py `temperature_config`; a category it does not list gets 0.7 (gen_model_answer.py).
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -112,13 +109,10 @@ def generate(args, name, records, temperature):
     """{id: response} from generate.py with K = 1 on `records` ({"id", "messages"}), written to WORK/NAME.*."""
     prompts, out = os.path.join(args.work, f"{name}.prompts.jsonl"), os.path.join(args.work, f"{name}.jsonl")
     write_jsonl(prompts, records)
-    flags = ["--model", args.model, "--k", "1", "--temperature", str(temperature), "--top-p", "1",
-             "--max-tokens", str(args.max_tokens), *args.generate_args, "--prompts", prompts, "--out", out]
-    env = dict(os.environ) if args.verbose else dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    flags = ["--model", args.model, "--k", "1", "--temperature", temperature, "--top-p", "1",
+             "--max-tokens", args.max_tokens, *args.generate_args, "--prompts", prompts, "--out", out]
     print(f"answers: {name}: {len(records)} questions at temperature {temperature}", file=sys.stderr, flush=True)
-    rc = subprocess.call([sys.executable, os.path.join(HERE, "generate.py"), *flags], env=env)
-    if rc != 0:
-        raise InputError(f"generate.py failed on {name} (exit code {rc}; its error is above)")
+    run_generate(flags, args.verbose, f"on {name}")
     return {r["id"]: r["responses"][0] for _, r in read_jsonl(out)}
 
 
@@ -147,10 +141,7 @@ def temperature(args, category):
 # -----------------------------------------------------------------------------
 
 def write_jsonl(path, records):
-    """All lines or none: written to a temporary file, then renamed."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))  # all lines or none
 
 
 def parser():

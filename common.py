@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 
@@ -252,9 +253,33 @@ def check_run_settings(path, pairs):
             old = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
         check_settings(old, new, out, f"use another OUT or delete {out}")
         return
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("".join(f"{k}={v}\n" for k, v in new.items()))
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(f"{k}={v}\n" for k, v in new.items()))
+
+
+def write_atomic(path, write):
+    """write(tmp_path), then rename: a reader never sees half a file."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, w)
+
+
+def run_generate(flags, verbose, what):
+    """generate.py as a subprocess (evaluate.py and answers.py take their answers from it), with vLLM's INFO log
+    kept quiet unless `verbose`; a failure is one InputError naming `what` (generate.py's own error is above)."""
+    env = dict(os.environ) if verbose else dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    here = os.path.dirname(os.path.abspath(__file__))
+    rc = subprocess.call([sys.executable, os.path.join(here, "generate.py"), *map(str, flags)], env=env)
+    if rc != 0:
+        raise InputError(f"generate.py failed {what} (exit code {rc}; its error is above)")
 
 
 class ResumableWriter:

@@ -32,19 +32,16 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from common import (InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, open_reporter, progress,
-                    prompt_id, read_jsonl)
+                    prompt_id, read_jsonl, run_generate, write_atomic, write_text)
 from pairrm import DTYPES, sigmoid  # numpy only: importing pairrm or preference loads no model code
 from preference import JUDGE_TEMPLATE, KINDS, check_preference_path, detect_kind, read_judge_template
 from preference import settings as kind_settings
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -----------------------------------------------------------------------------
@@ -177,12 +174,8 @@ def generate(name, model, args, prompt_ids):
                 return out
     # Not done (or made otherwise: generate.py resumes, or refuses other settings naming the one that differs).
     print(f"evaluate: {name}: generating with {model}", file=sys.stderr, flush=True)
-    env = dict(os.environ) if args.verbose else dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
     limit = ["--limit", str(args.limit)] if args.limit is not None else []
-    rc = subprocess.call([sys.executable, os.path.join(HERE, "generate.py"), *flags, "--prompts", args.prompts_file,
-                          "--out", out, *limit], env=env)
-    if rc != 0:
-        raise InputError(f"generate.py failed for model '{name}' (exit code {rc}; its error is above)")
+    run_generate([*flags, "--prompts", args.prompts_file, "--out", out, *limit], args.verbose, f"for model '{name}'")
     write_json(done, flags)
     return out
 
@@ -228,21 +221,6 @@ def judge(name, base_name, rows, args, ranker):
 
 # -----------------------------------------------------------------------------
 # outputs
-
-def write_atomic(path, write):
-    """write(tmp_path), then rename: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, w)
-
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False) + "\n")

@@ -298,8 +298,7 @@ def main():
             out = []
             for i, (r, prompt_ids) in enumerate(part):
                 mine = results[i::len(part)]  # sample p of prompt i is row p * len(part) + i
-                asked = {"prompt": r["prompt"]} if "prompt" in r else {"messages": r["messages"]}
-                out.append({"id": r["id"], **asked, "responses": [m[1] for m in mine],
+                out.append({**r, "responses": [m[1] for m in mine],  # r: id, and its prompt or messages
                             "finish_reasons": [m[2] for m in mine], "prompt_token_ids": prompt_ids,
                             "response_token_ids": [m[0] for m in mine]})
                 n_tokens += sum(len(m[0]) for m in mine)

@@ -52,8 +52,8 @@ import sys
 import time
 import warnings
 
-from common import (InputError, open_reporter, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
-                    fault_point, field, load_tokenizer, main_guard, read_jsonl)
+from common import (InputError, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
+                    fault_point, field, load_tokenizer, main_guard, open_reporter, read_jsonl)
 
 
 # -----------------------------------------------------------------------------
