@@ -1,6 +1,6 @@
-"""The loop past one box (issue 20): under SLURM, shards over every GPU of every node and one torchrun per node
+"""The loop past one box: under SLURM, shards over every GPU of every node and one torchrun per node
 (c10d), and TP GPUs per generation engine. A spy shows where run_loop.sh places each process (1 and 2 nodes,
-TP 1, 2, 4); a real 2-node SLURM cluster on this machine (examples/slurm/local-cluster.sh) runs the tiny loop and
+TP 1, 2, 4); a real 2-node SLURM cluster on one machine (examples/slurm/local-cluster.sh) runs the tiny loop and
 gives the same files and weights as one node."""
 import json
 import os
@@ -159,7 +159,7 @@ def test_llama3_70b_config_under_sbatch_N_4(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# A real 2-node cluster on this machine
+# A real 2-node cluster on one machine
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
