@@ -267,30 +267,36 @@ def check_paths(inputs, out):
         raise InputError(f"{out}: the output directory {parent} is not writable ({e.strerror})")
 
 
-# What a rerun of the loop may change: how the work is done, not what it computes. These are the train_sppo.py flags
-# that train_sppo.run_settings leaves out of a checkpoint's settings (memory, training-state saves, logging,
-# patience): the micro-batch splits the same global batch (the same losses up to float summation order), and
-# gradient checkpointing recomputes the same activations. The first things to change after an out-of-memory error.
+# What a rerun of the loop may change: how the work is done, not what it computes; the first things to change after
+# an out-of-memory error. Each is a flag its stage leaves out of its own settings (train_sppo.run_settings, the
+# "generate" and "rank" records): the micro-batch splits the same global batch (the same losses up to float
+# summation order), gradient checkpointing recomputes the same activations, a generated answer depends only on its
+# prompt and seed (never on batching or memory), and PairRM's batching changes only rounding.
 RUN_KNOBS = ("MICRO_BATCH",)
-TRAIN_KNOB_FLAGS = {"--micro-batch-size": 1, "--gradient-checkpointing": 0, "--save-every": 1, "--report-to": 1,
-                    "--dist-timeout-minutes": 1}  # flag: how many values follow it
+KNOB_FLAGS = {  # config variable -> {flag: how many values follow it}
+    "GEN_ARGS": {"--gpu-memory-utilization": 1, "--kv-cache-gb": 1, "--enforce-eager": 0, "--write-every": 1},
+    "RANK_ARGS": {"--batch-size": 1, "--write-every": 1},
+    "TRAIN_ARGS": {"--micro-batch-size": 1, "--gradient-checkpointing": 0, "--save-every": 1, "--report-to": 1,
+                   "--dist-timeout-minutes": 1}}
 
 
 def without_knobs(settings):
-    """The loop's settings less what changes no result: RUN_KNOBS dropped, TRAIN_KNOB_FLAGS cut out of TRAIN_ARGS.
+    """The loop's settings less what changes no result: RUN_KNOBS dropped, KNOB_FLAGS cut out of the *_ARGS.
     {"K": "5", "MICRO_BATCH": "8", "TRAIN_ARGS": "--dtype bf16 --micro-batch-size=4"} -> {"K": "5", "TRAIN_ARGS":
     "--dtype bf16"}."""
     kept = {k: v for k, v in settings.items() if k not in RUN_KNOBS}
-    if "TRAIN_ARGS" in kept:
-        words, rest = kept["TRAIN_ARGS"].split(), []
+    for var, flags in KNOB_FLAGS.items():
+        if var not in kept:
+            continue
+        words, rest = kept[var].split(), []
         while words:
             word = words.pop(0)
             flag = word.split("=", 1)[0]
-            if flag in TRAIN_KNOB_FLAGS:
-                del words[:0 if "=" in word else TRAIN_KNOB_FLAGS[flag]]
+            if flag in flags:
+                del words[:0 if "=" in word else flags[flag]]
             else:
                 rest.append(word)
-        kept["TRAIN_ARGS"] = " ".join(rest)
+        kept[var] = " ".join(rest)
     return kept
 
 
@@ -303,7 +309,7 @@ def check_run_settings(path, pairs):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
-        knobs = ", ".join([*RUN_KNOBS, *(f"TRAIN_ARGS {flag}" for flag in TRAIN_KNOB_FLAGS)])
+        knobs = ", ".join([*RUN_KNOBS, *(f"{var} {' '.join(flags)}" for var, flags in KNOB_FLAGS.items())])
         check_settings(without_knobs(old), without_knobs(new), out,
                        f"a run directory holds one experiment, and this changes what is computed (what may change "
                        f"between runs of one OUT: {knobs}); use another OUT or delete {out}")

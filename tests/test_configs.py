@@ -108,15 +108,30 @@ def test_run_settings_let_what_changes_no_result_change(tmp_path):
     assert open(settings).read() == "K=5\nMICRO_BATCH=8\nTRAIN_ARGS=--gradient-checkpointing --dtype bf16\n"
     with pytest.raises(common.InputError, match=r"was made with TRAIN_ARGS='--dtype bf16', this run has "
                                                 r"TRAIN_ARGS='--dtype fp32'; .*what may change between runs of one "
-                                                r"OUT: MICRO_BATCH, TRAIN_ARGS --micro-batch-size"):
+                                                r"OUT: MICRO_BATCH, GEN_ARGS --gpu-memory-utilization"):
         common.check_run_settings(settings, ["K=5", "TRAIN_ARGS=--gradient-checkpointing --dtype fp32"])
     with pytest.raises(common.InputError, match="was made with TRAIN_ARGS='--dtype bf16', this run has "
                                                 "TRAIN_ARGS='--dtype bf16 --attn-implementation eager'"):
         common.check_run_settings(settings, ["K=5", "TRAIN_ARGS=--dtype bf16 --attn-implementation eager"])
 
 
+def test_run_settings_let_generation_and_ranking_memory_change(tmp_path):
+    """vLLM's memory share and PairRM's batch size may change on a rerun (what a user tries when a stage runs out of
+    memory); generation's dtype or context length may not."""
+    import common
+    settings = str(tmp_path / "settings.txt")
+    common.check_run_settings(settings, ["GEN_ARGS=--dtype bf16", "RANK_ARGS="])
+    common.check_run_settings(settings, ["GEN_ARGS=--gpu-memory-utilization 0.8 --dtype bf16 --enforce-eager",
+                                         "RANK_ARGS=--batch-size 4 --write-every=64"])
+    with pytest.raises(common.InputError, match="was made with GEN_ARGS='--dtype bf16', this run has "
+                                                "GEN_ARGS='--dtype bf16 --max-model-len 4096'"):
+        common.check_run_settings(settings, ["GEN_ARGS=--dtype bf16 --max-model-len 4096", "RANK_ARGS="])
+    with pytest.raises(common.InputError, match="was made with RANK_ARGS='', this run has RANK_ARGS='--dtype fp32'"):
+        common.check_run_settings(settings, ["GEN_ARGS=--dtype bf16", "RANK_ARGS=--batch-size 4 --dtype fp32"])
+
+
 def test_train_knob_flags_are_left_out_of_train_sppos_settings(tmp_path):
-    """common.TRAIN_KNOB_FLAGS (what the loop lets change) are exactly the train_sppo.py flags that its own
+    """common.KNOB_FLAGS["TRAIN_ARGS"] (what the loop lets change) are exactly the train_sppo.py flags that its own
     run_settings ignores, besides the paths: changing one leaves a checkpoint's settings as they were."""
     import common
     data = tmp_path / "ranked.jsonl"
@@ -126,7 +141,7 @@ def test_train_knob_flags_are_left_out_of_train_sppos_settings(tmp_path):
     settings = train_sppo.run_settings(ap.parse_args(base), "bf16")
     other = {"--micro-batch-size": "3", "--gradient-checkpointing": None, "--save-every": "7", "--report-to": "none",
              "--dist-timeout-minutes": "5"}
-    assert set(other) == set(common.TRAIN_KNOB_FLAGS)
+    assert set(other) == set(common.KNOB_FLAGS["TRAIN_ARGS"])
     for flag, value in other.items():
         args = ap.parse_args(base + [flag] + ([value] if value else []))
         assert train_sppo.run_settings(args, "bf16") == settings, flag

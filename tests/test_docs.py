@@ -24,7 +24,12 @@ EXTERNAL_VARS = {"OPENAI_API_KEY": "read by alpaca_eval's GPT-4 Turbo judge",
                  "WANDB_MODE": "read by wandb (offline: no account, no network)",
                  "FRAC_LEN": "the released code's generate.sh variable (reproducing.md's deviation table)",
                  "VAR": "the placeholder in `VAR=${VAR:-default}`",
-                 "SLURM_CONF": "read by SLURM's commands (docs/cluster.md's cluster on one machine)"}
+                 "SLURM_CONF": "read by SLURM's commands (docs/cluster.md's cluster on one machine)",
+                 "HF_TOKEN": "read by huggingface_hub: the token for gated models",
+                 "HF_HOME": "read by huggingface_hub: where the token and the hub cache live",
+                 "HF_HUB_OFFLINE": "read by huggingface_hub: no network, the cache only",
+                 "NCCL_DEBUG": "read by NCCL (docs/troubleshooting.md)", "NCCL_IB_DISABLE": "read by NCCL",
+                 "NCCL_SOCKET_IFNAME": "read by NCCL"}
 CONFIGS = ["mistral7b", "tiny"]  # the columns of docs/configuration.md's table
 
 
@@ -173,7 +178,7 @@ def repo_paths(token, top):
     if stem and os.path.isfile(os.path.join(ROOT, stem + ".py")) and attr != "py":
         return None  # `bench/benchutil.import_llm_blender`: a function, checked as one
     first = path.split("/")[0]
-    if first not in top or ("/" not in path and not re.search(r"\.(py|sh|md|env|txt|json|png|ini)$", path)
+    if first not in top or ("/" not in path and not re.search(r"\.(py|sh|md|env|txt|json|png|ini|cff)$", path)
                             and first not in {"Makefile", "docs", "tests", "configs", "bench", "examples"}):
         return None
     return path
@@ -256,7 +261,7 @@ def test_flags_are_accepted(rel):
     bad = []
     for line in lines:
         for script, flags in script_calls(line):
-            accepted = set() if script.endswith(".sh") else script_flags(script)
+            accepted = {"-h", "--help"} if script.endswith(".sh") else script_flags(script)  # run_loop.sh --help
             bad += [f"{script} {f}  (in: {line.strip()[:100]})" for f in flags if f not in accepted]
     assert not bad, f"{rel}: flags the script does not accept:\n" + "\n".join(bad)
 
