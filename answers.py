@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from common import InputError, field, is_hub_id, main_guard, read_jsonl, run_generate, write_text
+from common import HelpFormatter, InputError, field, is_hub_id, main_guard, read_jsonl, run_generate, write_text
 
 # FastChat's llm_judge/common.py `temperature_config`; a category it does not list gets 0.7 (gen_model_answer.py).
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -145,7 +145,7 @@ def write_jsonl(path, records):
 
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                  allow_abbrev=False)  # an abbreviation must not take a flag meant for generate.py
     ap.add_argument("bench", choices=["mt-bench", "arena-hard"], help="the benchmark, which decides both formats")
     ap.add_argument("--model", required=True, help="checkpoint directory or hub id")

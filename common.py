@@ -6,6 +6,8 @@ appends to OUT.partial (flushed per batch); only a complete run renames that to 
 complete lines of OUT.partial, skips their ids and appends the rest, so finished work is never lost and a
 later stage never sees a half-written file.
 """
+import argparse
+import copy
 import hashlib
 import json
 import math
@@ -32,6 +34,28 @@ def main_guard(main):
         main()
     except InputError as e:
         fail(str(e))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The stages' --help: the docstring as written (its usage lines keep their line breaks) and every flag's default
+    after its help, "(default: 0.7)", unless the help already says it. Required flags and on/off switches have none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not shows_default(action) or "%(default)" in text or "default:" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action):
+        if not action.help and shows_default(action):  # argparse prints no help line for a flag without help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def shows_default(action):
+    return bool(action.option_strings) and not action.required and action.default is not argparse.SUPPRESS \
+        and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
 
 
 # -----------------------------------------------------------------------------
@@ -243,15 +267,52 @@ def check_paths(inputs, out):
         raise InputError(f"{out}: the output directory {parent} is not writable ({e.strerror})")
 
 
+# What a rerun of the loop may change: how the work is done, not what it computes; the first things to change after
+# an out-of-memory error. Each is a flag its stage leaves out of its own settings (train_sppo.run_settings, the
+# "generate" and "rank" records): the micro-batch splits the same global batch (the same losses up to float
+# summation order), gradient checkpointing recomputes the same activations, a generated answer depends only on its
+# prompt and seed (never on batching or memory), and PairRM's batching changes only rounding.
+RUN_KNOBS = ("MICRO_BATCH",)
+KNOB_FLAGS = {  # config variable -> {flag: how many values follow it}
+    "GEN_ARGS": {"--gpu-memory-utilization": 1, "--kv-cache-gb": 1, "--enforce-eager": 0, "--write-every": 1},
+    "RANK_ARGS": {"--batch-size": 1, "--write-every": 1},
+    "TRAIN_ARGS": {"--micro-batch-size": 1, "--gradient-checkpointing": 0, "--save-every": 1, "--report-to": 1,
+                   "--dist-timeout-minutes": 1}}
+
+
+def without_knobs(settings):
+    """The loop's settings less what changes no result: RUN_KNOBS dropped, KNOB_FLAGS cut out of the *_ARGS.
+    {"K": "5", "MICRO_BATCH": "8", "TRAIN_ARGS": "--dtype bf16 --micro-batch-size=4"} -> {"K": "5", "TRAIN_ARGS":
+    "--dtype bf16"}."""
+    kept = {k: v for k, v in settings.items() if k not in RUN_KNOBS}
+    for var, flags in KNOB_FLAGS.items():
+        if var not in kept:
+            continue
+        words, rest = kept[var].split(), []
+        while words:
+            word = words.pop(0)
+            flag = word.split("=", 1)[0]
+            if flag in flags:
+                del words[:0 if "=" in word else flags[flag]]
+            else:
+                rest.append(word)
+        kept[var] = " ".join(rest)
+    return kept
+
+
 def check_run_settings(path, pairs):
     """run_loop.sh's guard on its OUT: `path` (OUT/settings.txt) holds the loop's NAME=VALUE lines. The first run
-    writes it (atomically); a later run with any other value is refused, by check_settings."""
+    writes it (atomically); a later run with another value of a setting is refused, by check_settings. What changes
+    no result (without_knobs) may change: the file keeps the first run's values."""
     new = dict(p.split("=", 1) for p in pairs)
     out = os.path.dirname(path) or "."
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
-        check_settings(old, new, out, f"use another OUT or delete {out}")
+        knobs = ", ".join([*RUN_KNOBS, *(f"{var} {' '.join(flags)}" for var, flags in KNOB_FLAGS.items())])
+        check_settings(without_knobs(old), without_knobs(new), out,
+                       f"a run directory holds one experiment, and this changes what is computed (what may change "
+                       f"between runs of one OUT: {knobs}); use another OUT or delete {out}")
         return
     write_text(path, "".join(f"{k}={v}\n" for k, v in new.items()))
 

@@ -37,8 +37,8 @@ import time
 
 import numpy as np
 
-from common import (InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, open_reporter, progress,
-                    prompt_id, read_jsonl, run_generate, write_atomic, write_text)
+from common import (HelpFormatter, InputError, ResumableWriter, is_hub_id, load_prompts, main_guard, open_reporter,
+                    progress, prompt_id, read_jsonl, run_generate, write_atomic, write_text)
 from pairrm import DTYPES, sigmoid  # numpy only: importing pairrm or preference loads no model code
 from preference import JUDGE_TEMPLATE, KINDS, check_preference_path, detect_kind, read_judge_template
 from preference import settings as kind_settings
@@ -279,7 +279,7 @@ def plot(path, results, base_name):
 # -----------------------------------------------------------------------------
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                  allow_abbrev=False)  # an abbreviation must not take a flag meant for generate.py
     ap.add_argument("--models", nargs="+", required=True, help="NAME=DIR (checkpoint directory or hub id), "
                     "in plot order")

@@ -25,8 +25,8 @@ import re
 import sys
 import time
 
-from common import (InputError, ResumableWriter, check_paths, encode_prompt, load_prompts, load_tokenizer, main_guard,
-                    parse_shard, progress, take_shard)
+from common import (HelpFormatter, InputError, ResumableWriter, check_paths, encode_prompt, load_prompts, load_tokenizer,
+                    main_guard, parse_shard, progress, take_shard)
 
 # Before anything imports torch: its CUDA check then asks NVML instead of initialising CUDA. A CUDA initialised in
 # this process before vLLM starts its engine process makes that process (forked) die with "CUDA error:
@@ -212,7 +212,7 @@ def pick_engine(name):
 # -----------------------------------------------------------------------------
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or hub id")
     ap.add_argument("--prompts", required=True, help="JSONL of {id, prompt} or {id, messages}, or a hub dataset "
                     "with a prompt column")

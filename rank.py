@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-from common import (InputError, ResumableWriter, check_paths, field, load_tokenizer, main_guard, parse_shard, progress,
-                    prompt_id, read_jsonl, take_shard)
+from common import (HelpFormatter, InputError, ResumableWriter, check_paths, field, load_tokenizer, main_guard,
+                    parse_shard, progress, prompt_id, read_jsonl, take_shard)
 from pairrm import DTYPES, default_batch_size, sigmoid
 from preference import (JUDGE_TEMPLATE, KINDS, check_preference_path, default_dtype_for, detect_kind, load_preference,
                         read_judge_template)
@@ -129,7 +129,7 @@ def ranker_kind(args):
 
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--in", dest="inp", required=True, help="generate.py's output JSONL")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the preference model: hub id or local "

@@ -2,16 +2,25 @@
 # SPPO, the whole loop: for t = 1..ITERS, sample K responses per prompt from pi_t (generate.py), score
 # every pair with PairRM (rank.py), and train pi_{t+1} against pi_t as reference (train_sppo.py).
 #
+# usage: bash run_loop.sh CONFIG      (CONFIG: one of configs/*.env; any of its variables can come from the environment)
+#
 #   bash run_loop.sh configs/tiny.env                       # the CPU demo (make demo)
 #   bash run_loop.sh configs/mistral7b.env                  # the released recipe on one 8-GPU box
-#   GPUS=1 N_PROMPTS=500 bash run_loop.sh configs/mistral7b.env   # any setting can come from the environment
-#   GPUS=8 sbatch -N 2 examples/slurm/sppo.sbatch configs/mistral7b.env   # 2 nodes under SLURM (docs/cluster.md)
+#   CUDA_VISIBLE_DEVICES=4,5,6,7 GPUS=4 N_PROMPTS=500 bash run_loop.sh configs/mistral7b.env   # 4 GPUs, 500 prompts
+#   GPUS=8 sbatch -N 2 --gres=gpu:8 examples/slurm/sppo.sbatch configs/mistral7b.env   # 2 nodes (docs/cluster.md)
 #
 # Every stage writes its output under a temporary name and renames it when complete, so a rerun skips
-# what is finished and resumes what is not. Logs: $OUT/iterT/logs/STAGE*.log.
+# what is finished and resumes what is not. Logs: $OUT/iterT/logs/STAGE.log (sharded stages: STAGE.s.log).
+# Every variable, its default and the flag it feeds: docs/configuration.md.
 set -euo pipefail
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
+case "${1-}" in  # no config: the usage (on stderr), never the 7B recipe by default
+    -h|--help) usage; exit 2 ;;
+    "") usage >&2; exit 2 ;;
+esac
+(( $# == 1 )) || { echo "run_loop: one argument, the config; got $#: $*" >&2; exit 2; }
 cd "$(dirname "$0")"
-CONFIG=${1:-configs/mistral7b.env}
+CONFIG=$1
 [ -f "$CONFIG" ] || { echo "run_loop: no config file $CONFIG" >&2; exit 2; }
 source "$CONFIG"   # a config sets VAR=${VAR:-default}, so the environment wins
 PYTHON=${PYTHON:-python}

@@ -52,8 +52,8 @@ import sys
 import time
 import warnings
 
-from common import (InputError, check_number, check_paths, check_settings, encode_prompt, encode_text, end_of_turn_id,
-                    fault_point, field, load_tokenizer, main_guard, open_reporter, read_jsonl)
+from common import (HelpFormatter, InputError, check_number, check_paths, check_settings, encode_prompt, encode_text,
+                    end_of_turn_id, fault_point, field, load_tokenizer, main_guard, open_reporter, read_jsonl)
 
 
 # -----------------------------------------------------------------------------
@@ -754,7 +754,7 @@ def remove_state(out, run):
 # -----------------------------------------------------------------------------
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # what to train, on what, into where
     ap.add_argument("--model", required=True, help="pi_t: checkpoint directory or hub id")
     ap.add_argument("--data", required=True, help="ranked JSONL (rank.py's output)")

@@ -1,4 +1,4 @@
-"""Training memory per GPU past one box (issue 20): bench_memory.py's arithmetic (recipe_memory for one process,
+"""Training memory per GPU past one box: bench_memory.py's arithmetic (recipe_memory for one process,
 per_gpu under FSDP2) over 1, 8, 16 and 32 GPUs of 80 GB, for the recipes' models and Gemma-2-27B and Llama-3-70B,
 at the micro-batch each process gets (the recipe's, at most the global 64 / processes). Arithmetic only: no GPU
 ran it.

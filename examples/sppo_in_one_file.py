@@ -31,7 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import encode_prompt, end_of_turn_id, load_tokenizer, read_jsonl  # noqa: E402
+from common import HelpFormatter, encode_prompt, end_of_turn_id, load_tokenizer, read_jsonl  # noqa: E402
 from pairrm import load_ranker, pair_logits  # noqa: E402
 from rank import ordered_pairs, pairwise_probs, win_rates  # noqa: E402
 from train_sppo import collate, dpo_loss, select_responses, sequence_logps_unchunked, sppo_loss  # noqa: E402
@@ -40,7 +40,7 @@ DEFAULT_WORLD = os.path.join(ROOT, "runs", "tiny", "world")
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--world", default=DEFAULT_WORLD, help="a tiny world: policy/, ranker/, prompts.jsonl")
     ap.add_argument("--prompts", type=int, default=16, help="the first N training prompts")
     ap.add_argument("--k", type=int, default=5, help="answers sampled per prompt")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny world is built once per test session, offline, in a temp directory."""
+"""Shared fixtures: the tiny world is built once per pytest run, offline, in a temp directory."""
 import json
 import os
 import subprocess
@@ -61,7 +61,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """The three tiny real-vocabulary models (mistral-2023, mistral, llama3: examples/tiny/real_vocab.py), built
-    once per test session (a few seconds each)."""
+    once per pytest run (a few seconds each)."""
     sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
     import real_vocab
     out = tmp_path_factory.mktemp("real_vocab")

@@ -4,7 +4,8 @@ Checked: every relative link (and its #anchor) and every repository path; every 
 every `make` target and make variable; every flag written after a script (`python generate.py --k 5`,
 `evaluate.py --ranker-dtype`, `bash run_loop.sh`) is one that script's argparse parser accepts; every config
 variable (VAR=... in commands, a backticked ALL_CAPS name) is one that the configs, run_loop.sh, the Makefile or
-the code sets or reads; and docs/configuration.md's table gives each config variable's real default and flag.
+the code sets or reads; docs/configuration.md's table gives each config variable's real default and flag; and no
+doc, config, script or docstring speaks of how the project was made (sessions, lent machines, "issue N").
 Reads files only: no model, no subprocess but bash sourcing a config.
 """
 import ast
@@ -23,7 +24,12 @@ EXTERNAL_VARS = {"OPENAI_API_KEY": "read by alpaca_eval's GPT-4 Turbo judge",
                  "WANDB_MODE": "read by wandb (offline: no account, no network)",
                  "FRAC_LEN": "the released code's generate.sh variable (reproducing.md's deviation table)",
                  "VAR": "the placeholder in `VAR=${VAR:-default}`",
-                 "SLURM_CONF": "read by SLURM's commands (docs/cluster.md's cluster on one machine)"}
+                 "SLURM_CONF": "read by SLURM's commands (docs/cluster.md's cluster on one machine)",
+                 "HF_TOKEN": "read by huggingface_hub: the token for gated models",
+                 "HF_HOME": "read by huggingface_hub: where the token and the hub cache live",
+                 "HF_HUB_OFFLINE": "read by huggingface_hub: no network, the cache only",
+                 "NCCL_DEBUG": "read by NCCL (docs/troubleshooting.md)", "NCCL_IB_DISABLE": "read by NCCL",
+                 "NCCL_SOCKET_IFNAME": "read by NCCL"}
 CONFIGS = ["mistral7b", "tiny"]  # the columns of docs/configuration.md's table
 
 
@@ -172,7 +178,7 @@ def repo_paths(token, top):
     if stem and os.path.isfile(os.path.join(ROOT, stem + ".py")) and attr != "py":
         return None  # `bench/benchutil.import_llm_blender`: a function, checked as one
     first = path.split("/")[0]
-    if first not in top or ("/" not in path and not re.search(r"\.(py|sh|md|env|txt|json|png|ini)$", path)
+    if first not in top or ("/" not in path and not re.search(r"\.(py|sh|md|env|txt|json|png|ini|cff)$", path)
                             and first not in {"Makefile", "docs", "tests", "configs", "bench", "examples"}):
         return None
     return path
@@ -255,7 +261,7 @@ def test_flags_are_accepted(rel):
     bad = []
     for line in lines:
         for script, flags in script_calls(line):
-            accepted = set() if script.endswith(".sh") else script_flags(script)
+            accepted = {"-h", "--help"} if script.endswith(".sh") else script_flags(script)  # run_loop.sh --help
             bad += [f"{script} {f}  (in: {line.strip()[:100]})" for f in flags if f not in accepted]
     assert not bad, f"{rel}: flags the script does not accept:\n" + "\n".join(bad)
 
@@ -321,3 +327,46 @@ def test_configuration_table_names_the_flag_run_loop_passes():
             if not re.search(rf'{re.escape(flag)} "\$(?:{var}|{var.lower()})"', loop):
                 bad.append(f"{var}: run_loop.sh does not pass {script} {flag} \"${var}\"")
     assert not bad, "\n".join(bad)
+
+
+# -----------------------------------------------------------------------------
+# the voice: the project speaks of what it does and what was measured, never of how it was made
+
+# Words about the making of the project: who worked in which session or workplace, on what lent machine, and
+# tracker numbers of its own ("issue 19", "reported in issue 23"). External references name their repository
+# (uclaml/SPPO#13), which these patterns leave alone. `scope="session"` is pytest's word, not ours.
+MAKING = re.compile(r"\bsessions?\b|\bworkplaces?\b|\blent\b|\bissues?\s+#?\d+", re.IGNORECASE)
+VOICE_SUFFIXES = (".md", ".py", ".sh", ".sbatch", ".env", ".txt", ".cff", ".ini", "Makefile", ".ci/run")
+
+
+def voice_files():
+    """Every tracked text a user reads: docs, code and its docstrings and comments, configs, the Makefile, CI."""
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "**", "*"), recursive=True)
+                 if "/.venv/" not in p and os.path.isfile(p)]
+    # (this file names the words in order to find them)
+    return sorted(f for f in files if f.endswith(VOICE_SUFFIXES) and f != "tests/test_docs.py"
+                  and not f.startswith(("tests/bad_inputs/", "runs/")))
+
+
+def making_words(text):
+    """(line number, line) of every line that speaks of how the project was made."""
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+            if MAKING.search(line.replace('scope="session"', ""))]
+
+
+def test_making_words_are_found():
+    """The patterns catch what they are for and leave an external reference and pytest's scope alone."""
+    caught = ["as reported in issue 23", "(issue 12, part 1)", "no GPU was lent", "this workplace's machine",
+              "beside three other sessions' tests", "see Issue #7"]
+    assert [n for n, _ in making_words("\n".join(caught))] == list(range(1, len(caught) + 1))
+    assert not making_words('uclaml/SPPO#13; an issue in llm-blender\n@pytest.fixture(scope="session")\nexcellent')
+
+
+@pytest.mark.parametrize("rel", voice_files())
+def test_speaks_of_the_product_not_its_making(rel):
+    bad = making_words(read(rel))
+    assert not bad, f"{rel}: words about how the project was made (say what it does and what was measured, with " \
+                    "the machine and date):\n" + "\n".join(f"  line {n}: {line[:120]}" for n, line in bad)

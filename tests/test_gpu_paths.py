@@ -1,4 +1,4 @@
-"""What a CPU can show of the CUDA paths (issue 19): which devices and cache directories run_loop.sh gives each
+"""What a CPU can show of the CUDA paths: which devices and cache directories run_loop.sh gives each
 process, that generate.py never initialises CUDA before vLLM starts its engine process, and that a vLLM start
 failure that is not about memory is not reported as one. (The process group's timeout: test_train.py's
 torchrun test.)"""

@@ -51,6 +51,11 @@ def test_two_iterations_then_rerun_does_nothing(world, learned):
     # a run directory holds one experiment: another K is refused, naming the setting
     p = loop(world, out, check=False, K="4")
     assert p.returncode == 2 and "was made with K='3', this run has K='4'" in p.stderr
+    # what changes no result may change (the first things tried after an out-of-memory error); a dtype may not
+    p = loop(world, out, MICRO_BATCH="2", TRAIN_ARGS="--gradient-checkpointing --micro-batch-size 1")
+    assert "nothing to do" in p.stdout
+    p = loop(world, out, check=False, TRAIN_ARGS="--dtype bf16")
+    assert p.returncode == 2 and "this run has TRAIN_ARGS='--dtype bf16'" in p.stderr
 
 
 def test_iteration_two_samples_from_what_iteration_one_learned(world, learned):
@@ -108,3 +113,14 @@ def test_second_loop_on_the_same_out_is_refused(world, tmp_path):
         p = loop(world, out, check=False)
     assert p.returncode == 2 and "another run is using" in p.stderr
     assert not (out / "iter1").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["-h"]])
+def test_no_config_prints_the_usage_and_starts_nothing(tmp_path, args):
+    """`bash run_loop.sh` alone prints its usage and exits 2: it never falls back to the 7B recipe."""
+    env = dict(os.environ, PYTHON="false", OUT=str(tmp_path / "out"))
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_loop.sh"), *args], env=env, cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "usage: bash run_loop.sh CONFIG" in p.stdout + p.stderr
+    assert "configs/tiny.env" in p.stdout + p.stderr  # the examples come with it
+    assert not (tmp_path / "out").exists() and not os.path.exists(os.path.join(ROOT, "runs", "mistral7b"))

@@ -1,6 +1,6 @@
-"""The loop past one box (issue 20): under SLURM, shards over every GPU of every node and one torchrun per node
+"""The loop past one box: under SLURM, shards over every GPU of every node and one torchrun per node
 (c10d), and TP GPUs per generation engine. A spy shows where run_loop.sh places each process (1 and 2 nodes,
-TP 1, 2, 4); a real 2-node SLURM cluster on this machine (examples/slurm/local-cluster.sh) runs the tiny loop and
+TP 1, 2, 4); a real 2-node SLURM cluster on one machine (examples/slurm/local-cluster.sh) runs the tiny loop and
 gives the same files and weights as one node."""
 import json
 import os
@@ -159,7 +159,7 @@ def test_llama3_70b_config_under_sbatch_N_4(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# A real 2-node cluster on this machine
+# A real 2-node cluster on one machine
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -274,3 +274,22 @@ def test_memory_arithmetic_counts_the_published_parameters():
     row = next(r for r in b.rows() if r["model"] == "Meta-Llama-3-70B-Instruct")
     assert row["foreach_temporary_gb"]["16"] == pytest.approx(4 * 70_553_706_496 / 16 / 1e9)  # 17.6 GB
     assert row["micro_batch"] == {"1": 1, "8": 1, "16": 1, "32": 1}
+
+
+def test_hardware_arithmetic_worked_by_hand():
+    """bench/bench_hardware.py (docs/hardware.md's table) for Mistral-7B on 8 H100s, each term worked by hand from
+    the published parameter count (7,241,732,096) and the stated assumptions: 20,000 prompts, K = 5, 2048 new tokens,
+    training sequences of 1024 tokens, PairRM 0.435B on 20 ordered pairs of 2048 tokens, 989 TFLOP/s per GPU at 40%
+    (10% while decoding), 11 JSONL bytes a sampled token."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_cluster_memory
+    import bench_hardware
+    r = bench_hardware.iteration(bench_cluster_memory.MODELS["Mistral-7B-Instruct-v0.2"], 8)
+    n, peak = 7_241_732_096, 8 * 989e12
+    assert r["minutes"]["generate"] == pytest.approx(2 * n * 20_000 * 5 * 2048 / (0.1 * peak) / 60)  # 62.5 min
+    assert r["minutes"]["generate"] == pytest.approx(62.5, abs=0.05)
+    assert r["minutes"]["rank"] == pytest.approx(3.75, abs=0.01)     # 7.13e17 FLOPs at 3.16e15 FLOP/s
+    assert r["minutes"]["train"] == pytest.approx(15.6, abs=0.05)    # 10 x n x 40,000 x 1024 = 2.97e18 FLOPs
+    assert r["checkpoint_gb"] == pytest.approx(14.48, abs=0.01) and r["state_gb"] == pytest.approx(57.93, abs=0.01)
+    assert r["host_gb_rank0"] == pytest.approx(28.97, abs=0.01)
+    assert r["jsonl_gb"] == pytest.approx(2 * 20_000 * 5 * 2048 * 11 / 1e9)  # 4.5 GB: generated + ranked

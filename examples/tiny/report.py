@@ -524,7 +524,7 @@ def compare(runs, out):
               "on it, and iterations compound it. A sentence above holds for this run; how often it holds over "
               "other seeds and machines needs those runs (`SEED=1 make compare TINY=runs/tiny-seed1`; what was "
               "measured so far, and how often each finding held: docs/tiny-world-compare-claims.md). Read it "
-              "against the paper (Wu et al., 2024: on AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate "
+              "against the paper (Wu et al., ICLR 2025: on AlpacaEval 2.0 with Mistral-7B-Instruct, SPPO's LC win rate "
               "rises every iteration, 17.1 to 28.5%, and ends ahead of iterative DPO and IPO trained on the same "
               "data). Here the judge is a small ranker that knows one rule and the policy a toy: a tiny world can "
               "show how each loss moves the policy, not AlpacaEval's numbers.", ""]
