@@ -421,8 +421,9 @@ def start_processes(dtype_arg, timeout_minutes):
 
 
 def load_model(args, run):
-    """pi_t in fp32 master weights on run.device; under torchrun sharded with FSDP2 (each decoder layer its
-    own group, gathered just before it runs, then the rest), bf16 compute where asked.
+    """pi_t in fp32 master weights on run.device; under torchrun, and in bf16 in one process too (Run.sharded),
+    sharded with FSDP2 (each decoder layer its own group, gathered just before it runs, then the rest), bf16
+    compute where asked.
 
     Under torchrun only rank 0 reads the checkpoint; the other ranks build the model on the meta device (no
     memory) and receive each group's weights from rank 0 just before it is sharded (from_rank0), so a
