@@ -234,16 +234,23 @@ def fault_point(name, before_kill=None):
     in place, OUT.partial not yet removed), train-step (train_sppo.py: a step logged in OUT.tmp),
     checkpoint-weights (the weights saved in OUT.tmp, not the tokenizer), checkpoint-written (OUT.tmp
     complete, not yet renamed), state-shards (train_sppo.py: a training state's shards written in
-    OUT.state/step-N.tmp, not its train_state.json, not yet renamed). Unset, it does nothing. before_kill() runs
-    just before the kill."""
+    OUT.state/step-N.tmp, not its train_state.json, not yet renamed). Unset, it does nothing. STAGE/NAME
+    (rank/partial-written) picks the point in one stage only, for a setting a whole loop inherits.
+    before_kill() runs just before the kill. With SPPO_FAULT_PAUSE=FILE the process writes FILE there and waits to be killed instead,
+    so a test can kill the whole loop (as a scheduler would) exactly at the point, however brief it is."""
     spec = os.environ.get("SPPO_FAULT")
-    if not spec or spec.partition(":")[0] != name:
+    stage = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    if not spec or spec.partition(":")[0] not in (name, f"{stage}/{name}"):
         return
     _fault_hits[name] = _fault_hits.get(name, 0) + 1
     if _fault_hits[name] == int(spec.partition(":")[2] or 1):
         if before_kill is not None:
             before_kill()
         sys.stderr.flush()
+        if os.environ.get("SPPO_FAULT_PAUSE"):
+            open(os.environ["SPPO_FAULT_PAUSE"], "w").close()
+            while True:
+                signal.pause()
         os.kill(os.getpid(), signal.SIGKILL)
 
 

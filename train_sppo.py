@@ -40,6 +40,7 @@ the meta device and receive their shards from it (load_model), so the host holds
 weights, not one per process (8 x 28 GB for a 7B model in fp32).
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -264,7 +265,7 @@ def collate(examples, ids, pad, device):
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
-def sequence_logps(model, input_ids, mask, labels, autocast, chunk_elements=2**24):
+def sequence_logps(model, input_ids, mask, labels, autocast=contextlib.nullcontext, chunk_elements=2**24):
     """log pi(y|x): the sum of the response tokens' log-probs, one per row; [rows] float32.
 
     input_ids, mask, labels: [rows, T] from collate (labels -100 off the response). The model's forward gives
@@ -298,7 +299,7 @@ def sequence_logps(model, input_ids, mask, labels, autocast, chunk_elements=2**2
     return torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, row, logp)
 
 
-def sequence_logps_unchunked(model, input_ids, mask, labels, autocast):
+def sequence_logps_unchunked(model, input_ids, mask, labels, autocast=contextlib.nullcontext):
     """sequence_logps for heads the chunked path cannot express (a bias, Gemma-2's logit soft-capping): the
     logits of the last n positions whole (n = the longest response), then gather - logsumexp."""
     n = int((labels != -100).sum(-1).max())
@@ -334,8 +335,13 @@ class Run:
     dtype: str
 
     @property
-    def ddp(self):
-        return self.world > 1
+    def sharded(self):
+        """The model is under FSDP2: with N processes, and in bf16 with one too (a group of one), so that bf16
+        computes alike whatever the number of processes: FSDP2's policy casts every parameter to bf16 for the
+        forward and backward, and reduces and accumulates the gradients in fp32 on the fp32 master weights.
+        (Autocast, the one-process alternative, keeps norms, embeddings and softmax in fp32 and rounds elsewhere:
+        its losses differ from FSDP2's by several bf16 steps, by how much depending on the machine's kernels.)"""
+        return self.world > 1 or self.dtype == "bf16"
 
     @property
     def master(self):
@@ -345,13 +351,9 @@ class Run:
         if self.master:
             print(*a, file=sys.stderr, flush=True)
 
-    def autocast(self):
-        import torch  # bf16 autocast without FSDP; under FSDP2 its mixed-precision policy casts instead
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16" and not self.ddp)
-
     def all_reduce(self, t, op="sum"):
         """The sum (or max) over processes of a CPU tensor; NCCL reduces on the GPU only."""
-        if not self.ddp:
+        if not self.sharded:
             return t
         import torch.distributed as dist
         x = t.to(self.device)
@@ -373,7 +375,7 @@ class Run:
         return self.all_reduce(torch.tensor([float(self.local_peak_memory())], dtype=torch.float64), "max").item()
 
     def finish(self):
-        if self.ddp:
+        if self.sharded:
             import torch.distributed as dist
             dist.barrier()  # without it a process can exit while another still talks to it (gloo aborts)
             dist.destroy_process_group()
@@ -403,20 +405,25 @@ def start_processes(dtype_arg, timeout_minutes):
     and lose the iteration's training, so it is a setting (--dist-timeout-minutes)."""
     import datetime
     import torch
+    import torch.distributed as dist
     cuda = torch.cuda.is_available()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if "RANK" in os.environ:  # launched by torchrun
+    run = Run(rank, world, device, {"auto": "bf16" if cuda else "fp32"}.get(dtype_arg, dtype_arg))
+    if run.sharded:
         if cuda:
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                             timeout=datetime.timedelta(minutes=timeout_minutes))
-    return Run(rank, world, device, {"auto": "bf16" if cuda else "fp32"}.get(dtype_arg, dtype_arg))
+        # torchrun's processes meet at its rendezvous; one process without torchrun is a group of one in memory
+        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **alone)
+    return run
 
 
 def load_model(args, run):
-    """pi_t in fp32 master weights on run.device; under torchrun sharded with FSDP2 (each decoder layer its
-    own group, gathered just before it runs, then the rest), bf16 compute where asked.
+    """pi_t in fp32 master weights on run.device; under torchrun, and in bf16 in one process too (Run.sharded),
+    sharded with FSDP2 (each decoder layer its own group, gathered just before it runs, then the rest), bf16
+    compute where asked.
 
     Under torchrun only rank 0 reads the checkpoint; the other ranks build the model on the meta device (no
     memory) and receive each group's weights from rank 0 just before it is sharded (from_rank0), so a
@@ -433,7 +440,7 @@ def load_model(args, run):
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not run.ddp:
+    if not run.sharded:
         return model.to(run.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     check_same_shapes(model, run)
@@ -516,10 +523,10 @@ def reference_logps(model, examples, first_epoch, pad, run):
     with torch.no_grad():
         for step in first_epoch:
             for ids, real in run.micro_batches(step):
-                lp = sequence_logps(model, *collate(examples, ids, pad, run.device), run.autocast)
+                lp = sequence_logps(model, *collate(examples, ids, pad, run.device))
                 if real:
                     ref[ids] = lp.view(len(ids), -1).double().cpu()
-    if run.ddp:
+    if run.sharded:
         model.reshard()  # free the root's gathered parameters (the root does not reshard after forward)
     model.train()
     return run.all_reduce(ref)  # each prompt was computed by exactly one process, zeros elsewhere
@@ -550,7 +557,7 @@ def train_step(model, examples, step, ref, win, pad, args, run):
     n_resp = sum(len(mb) for mb in step) * ref.shape[1]  # the global batch's trained responses
     for ids, real in run.micro_batches(step):
         input_ids, mask, labels = collate(examples, ids, pad, run.device)
-        policy = sequence_logps(model, input_ids, mask, labels, run.autocast).view(len(ids), -1)
+        policy = sequence_logps(model, input_ids, mask, labels).view(len(ids), -1)
         r, w = ref[ids].to(run.device, policy.dtype), win[ids].to(run.device, policy.dtype)
         if args.loss == "sppo":
             err = sppo_loss(policy, r, w, args.eta)  # [prompts, responses]
@@ -599,7 +606,7 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
     OUT exists only when complete. Every process must call it (FSDP gathers the full weights)."""
     import torch
     from transformers import AutoConfig
-    if run.ddp:
+    if run.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
@@ -698,7 +705,7 @@ def save_state(out, step, model, opt, sched, ref, history, seconds, settings, ru
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: as meant
         dcp.save({"model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(), "ref": ref,
-                  "rng": {f"rank{run.rank}": rng_state(run)}}, checkpoint_id=tmp, no_dist=not run.ddp)
+                  "rng": {f"rank{run.rank}": rng_state(run)}}, checkpoint_id=tmp, no_dist=not run.sharded)
     if not run.master:  # dcp.save returns once every process's shards and the index (.metadata) are written
         return
     fault_point("state-shards")
@@ -731,7 +738,7 @@ def load_state(path, model, opt, sched, ref_shape, run):
              "rng": {mine: rng_state(run)}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=not run.ddp)
+        dcp.load(state, checkpoint_id=path, no_dist=not run.sharded)
     state["model"].update({name: state["model"][first] for name, first in tied.items()})
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     sched.load_state_dict(state["scheduler"])

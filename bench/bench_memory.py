@@ -2,18 +2,18 @@
 
     python bench/bench_memory.py --out bench/results/memory_cpu.json
 
-One process (GPUS=1) trains with plain model.to(device): fp32 master weights (4 bytes a parameter), their fp32
-gradients (4) and RMSprop's one state buffer, square_avg (4): 12 bytes a parameter. Under bf16 autocast (the
-recipes' --dtype bf16, one process) torch keeps a bf16 copy of every weight a matmul casts until the forward's
-autocast context ends (its cast cache): 2 bytes a parameter of the decoder layers' linear weights (lm_head is cast
-by logps.token_logps itself, one chunk buffer at a time). Activations, with gradient checkpointing (each decoder
+One process (GPUS=1) holds the whole model: fp32 master weights (4 bytes a parameter), their fp32 gradients (4) and
+RMSprop's one state buffer, square_avg (4): 12 bytes a parameter. In bf16 (the recipes' --dtype bf16) the model is
+under FSDP2 in one process as in N (a group of one), whose policy casts each group's weights to bf16 just before it
+runs and frees them after: the bf16 root (embeddings and lm_head, gathered through the forward and backward) and two
+decoder layers (the one running and the one prefetched). Activations, with gradient checkpointing (each decoder
 layer recomputed in backward): each layer's fp32 input, rows x tokens x hidden x 4 bytes, plus one layer's
 recomputed intermediates at a time (MLP: about 8 bf16 tensors of rows x tokens x MLP width).
 
 The check: train_sppo.py (RMSprop, gradient checkpointing, two steps of two micro-batches) on random Llama models of the same width at two
 depths, in fp32 and in bf16; the difference of their peak memories (VmHWM) divided by the difference of their
-parameter counts is the bytes a parameter that training holds, which the arithmetic predicts (12 in fp32, 12 + 2 x
-the linear share in bf16), with the fixed costs (imports, tokenizer, embeddings, activations) cancelling out.
+parameter counts is the bytes a parameter that training holds, which the arithmetic predicts (12 in both dtypes: the bf16 copies are a
+fixed two layers), with the fixed costs (imports, tokenizer, embeddings, activations) cancelling out.
 """
 import argparse
 import json
@@ -42,18 +42,24 @@ def linear_params(m):
     return m["H"] * (2 * m["A"] + 2 * m["KV"]) + 3 * m["H"] * m["I"]
 
 
+def bf16_gathered(m):
+    """Parameters FSDP2 holds in bf16 at once: the root (embeddings, lm_head) and two decoder layers."""
+    layer = linear_params(m) + m["norms"] * m["H"]
+    return m["V"] * m["H"] * (1 if m["tied"] else 2) + 2 * layer
+
+
 def recipe_memory(m, tokens=1024):
-    """GB of one training process holding the whole model (GPUS=1), bf16 autocast, gradient checkpointing, at the
-    two peaks of a step: a micro-batch's forward/backward after the first (the earlier micro-batches' gradients, the
-    optimizer state and the autocast copies all alive), and the optimizer step (train_sppo steps one tensor at a
-    time in one process, so its temporary is the largest tensor's; torch's default on a GPU, foreach, would make
-    one the size of the whole optimizer state: 4 bytes a parameter more)."""
+    """GB of one training process holding the whole model (GPUS=1), bf16 (FSDP2, a group of one), gradient
+    checkpointing, at the two peaks of a step: a micro-batch's forward/backward after the first (the earlier
+    micro-batches' gradients, the optimizer state and the gathered bf16 groups all alive), and the optimizer step
+    (train_sppo steps one tensor at a time in one process, so its temporary is the largest tensor's; torch's default
+    on a GPU, foreach, would make one the size of the whole optimizer state: 4 bytes a parameter more)."""
     linear = m["L"] * linear_params(m)
     embed = m["V"] * m["H"]
     params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + embed * (1 if m["tied"] else 2)
     rows = 2 * m["micro"]
     state = {"weights fp32": 4 * params / GB, "gradients fp32": 4 * params / GB, "RMSprop state": 4 * params / GB}
-    forward = {"autocast bf16 copies": 2 * linear / GB,
+    forward = {"bf16 root + two layers": 2 * bf16_gathered(m) / GB,
                "checkpointed layer inputs": m["L"] * rows * tokens * m["H"] * 4 / GB,
                "one layer recomputed": 8 * rows * tokens * m["I"] * 2 / GB,
                "lm_head bf16 + logit chunks": (2 * embed + 3 * 2**26) / GB}
@@ -64,23 +70,21 @@ def recipe_memory(m, tokens=1024):
 
 
 def per_gpu(m, gpus, tokens=1024):
-    """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 (GPUS > 1) each holds 1/GPUS of the fp32 weights,
-    gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), the bf16 root (embeddings
-    and lm_head, gathered through the forward and backward), two decoder layers gathered in bf16 (the one running and
-    the one prefetched), and the same activations as one process (no autocast copies: FSDP casts each group)."""
-    if gpus == 1:
-        return recipe_memory(m, tokens)["total"]
+    """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 with GPUS > 1 each holds 1/GPUS of the fp32 weights,
+    gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), and as one process the
+    gathered bf16 groups and the same activations."""
     r = recipe_memory(m, tokens)
-    layer = linear_params(m) + m["norms"] * m["H"]
-    root = m["V"] * m["H"] * (1 if m["tied"] else 2)
-    acts = r["checkpointed layer inputs"] + r["one layer recomputed"] + r["lm_head bf16 + logit chunks"]
-    return 16 * r["parameters (B)"] * 1e9 / gpus / GB + (2 * root + 2 * 2 * layer) / GB + acts
+    if gpus == 1:
+        return r["total"]
+    acts = sum(r[k] for k in ("bf16 root + two layers", "checkpointed layer inputs", "one layer recomputed",
+                              "lm_head bf16 + logit chunks"))
+    return 16 * r["parameters (B)"] * 1e9 / gpus / GB + acts
 
 
 def measure(args, tmp, layers, dtype):
     """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers: two steps of two
     micro-batches, so that the second micro-batch's forward runs with every term of the arithmetic alive (the first
-    micro-batch's gradients, the optimizer state of step 1, the autocast copies), as every step of the recipe does."""
+    micro-batch's gradients, the optimizer state of step 1, the gathered bf16 groups), as every step of the recipe does."""
     d = os.path.join(tmp, f"L{layers}")
     if not os.path.isdir(d):
         os.makedirs(d)
@@ -126,13 +130,10 @@ def main():
     recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus}} for n, r in recipes.items()}
     live = LiveResults(args.out, dtypes, benchmark="memory", machine=machine(), recipes=recipes,
                        command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
-    shape = bench_train.SIZES[args.size]
-    linear_share = (4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"]) / (
-        4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"] + 2 * shape["hidden_size"])
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
             (a, na), (b, nb) = measure(args, tmp, lo, dtype), measure(args, tmp, hi, dtype)
-            predicted = 12 + (2 * linear_share if dtype == "bf16" else 0)
+            predicted = 12
             live.data["checks"].append({"dtype": dtype, "layers": [lo, hi], "parameters": [na, nb], "peak_gb": [a, b],
                                         "bytes_per_parameter": (b - a) * GB / (nb - na), "predicted": predicted})
             live.point(dtype)

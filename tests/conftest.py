@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny world is built once per pytest run, offline, in a temp directory."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,28 @@ def run_stage(script, *args, check=True, env=None):
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
+
+
+# Tolerances. fp32 keeps 24 significant bits: one rounding moves a value by at most U32 = 2^-24 of its size.
+# Two computations of the same value that differ only in the order of their additions (another batch shape or
+# padding, another number of processes, another CPU kernel family: torch picks its vectorised kernels by the
+# machine) round differently, and no tolerance tuned on one machine bounds that. reordered_fp32 derives one.
+U32 = 2.0 ** -24
+
+
+def reordered_fp32(scale, sums):
+    """The tolerance for two fp32 computations of one value that differ in the order of their additions: `sums`
+    roundings on the path to the value, each at most U32 x `scale` (the largest magnitude involved) and random in
+    sign, add up like a random walk, sqrt(sums) x U32 x scale (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., section 2.8); x 8 for the tail and for later layers amplifying earlier roundings."""
+    return 8 * math.sqrt(sums) * U32 * scale
+
+
+def forward_sums(config, tokens):
+    """The additions on the path to one output of a transformer forward (config: its config.json as a dict):
+    per layer the q, k, v, o and MLP projections' dot products (4 x hidden + 2 x MLP width terms) and attention
+    over the tokens (scores and weighted sum)."""
+    return config["num_hidden_layers"] * (4 * config["hidden_size"] + 2 * config["intermediate_size"] + 2 * tokens)
 
 
 def read_jsonl(path):

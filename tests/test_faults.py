@@ -2,7 +2,8 @@
 later stage trusts; every bad input is a one-line error naming file, line and field, with no output.
 
 Kills are placed exactly with the SPPO_FAULT test hook (common.fault_point): the stage SIGKILLs itself at a
-named point, e.g. SPPO_FAULT=partial-written:2 after its second batch reached OUT.partial. A killed run is
+named point, e.g. SPPO_FAULT=partial-written:2 after its second batch reached OUT.partial (rank/partial-written: in
+rank.py only; with SPPO_FAULT_PAUSE the stage waits there for the test to kill its whole loop). A killed run is
 rerun until it completes; its output must equal that of an uninterrupted run with the same seeds.
 The bad inputs are real files under tests/bad_inputs/, listed with their expected errors in cases.json.
 """
@@ -16,10 +17,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from conftest import ROOT, read_jsonl, run_stage, write_jsonl
+from test_rank import assert_same, logit_tol
+from test_train import assert_same_weights
 
 BAD = os.path.join(ROOT, "tests", "bad_inputs")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # much faster for the tiny models on a busy machine
@@ -57,14 +59,9 @@ def train(world, data, out, *extra, fault=None, check=True):
                  fault=fault, check=check)
 
 
-def assert_same_ranked(a, b):
-    """Equal records; PairRM's numbers equal to float precision (a resumed run batches other pairs together)."""
-    assert [r["id"] for r in a] == [r["id"] for r in b], "ids lost, doubled or reordered"
-    numbers = ("logits", "probs", "win_rate")
-    for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in numbers} == {k: v for k, v in y.items() if k not in numbers}
-        for k in numbers:
-            assert np.allclose(x[k], y[k], rtol=0, atol=1e-5), (x["id"], k)
+def assert_same_ranked(world, a, b):
+    """Equal records; PairRM's numbers to fp32 rounding (a resumed run may batch other pairs together)."""
+    assert_same(a, b, logit_tol(world, [r["logits"] for r in b]))
 
 
 def leftovers(out):
@@ -128,7 +125,7 @@ def test_rank_killed_then_resumed(world, reference, tmp_path, faults):
             assert_other_rank_settings_refused(world, reference, out, tmp_path)
     p = rank(world, inp, out)
     assert "already done" in p.stderr
-    assert_same_ranked(read_jsonl(out), read_jsonl(reference / "ranked.jsonl"))
+    assert_same_ranked(world, read_jsonl(out), read_jsonl(reference / "ranked.jsonl"))
     assert not leftovers(out)
 
 
@@ -180,20 +177,22 @@ def run_loop(env, check=True):
     return p
 
 
-def kill_loop_when(env, ready, timeout=300):
+def kill_loop_when(env, ready, hang=1800):
     """Start run_loop.sh in its own process group and SIGKILL the whole group (the loop and its running
-    stage, as a scheduler or a lost machine does) as soon as ready() is true."""
+    stage, as a scheduler or a lost machine does) as soon as ready() is true. ready() must stay true once it
+    is (a file that exists, a count that grows): a point that passes in an instant is reached with the
+    SPPO_FAULT_PAUSE hook instead. `hang` only bounds a stuck run: the waits are for events, not times."""
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "run_loop.sh"), "configs/tiny.env"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
+    deadline = time.time() + hang
+    while proc.poll() is None and not ready():
+        assert time.time() < deadline, f"run_loop.sh did not reach the kill point in {hang} s"
         time.sleep(0.02)
     assert proc.poll() is None, "run_loop.sh finished before the kill point"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # The loop's lock (OUT/.lock) is held by every process of the group until it has exited, and a stage with a
     # model in memory and threads takes a moment to: wait for it, or a rerun started at once finds it held.
-    deadline = time.time() + 60
     with open(os.path.join(env["OUT"], ".lock"), "a") as f:
         while True:
             try:
@@ -201,24 +200,32 @@ def kill_loop_when(env, ready, timeout=300):
                 fcntl.flock(f, fcntl.LOCK_UN)
                 break
             except BlockingIOError:
-                assert time.time() < deadline, "the killed loop's processes still hold its lock after 60 s"
+                assert time.time() < deadline, f"the killed loop's processes still hold its lock after {hang} s"
                 time.sleep(0.05)
+
+
+def kill_loop_at(env, point, tmp_path):
+    """kill_loop_when, the moment a stage reaches the SPPO_FAULT point (STAGE/NAME or NAME): the stage stops
+    there (SPPO_FAULT_PAUSE) until the whole loop is killed, so even an instant's window is hit every time."""
+    paused = tmp_path / f"paused-{point.replace('/', '-')}"
+    paused.unlink(missing_ok=True)
+    kill_loop_when(dict(env, SPPO_FAULT=point, SPPO_FAULT_PAUSE=str(paused)), paused.exists)
 
 
 def lines(path):
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
-def assert_same_loop_outputs(a, b, iters=(1, 2)):
-    from safetensors.torch import load_file
-
+def assert_same_loop_outputs(world, a, b, iters=(1, 2)):
+    """Two loops' outputs: the same samples, the same ranks to fp32 rounding, the same weights as
+    test_train.assert_same_weights compares them (iteration t starts from iteration t-1's checkpoint)."""
     def records(out, name):  # iteration 2 names its model by path, under each run's own OUT
         return [json.loads(line.replace(str(out), "OUT")) for line in open(out / name)]
     for t in iters:
         assert records(a, f"iter{t}/generated.jsonl") == records(b, f"iter{t}/generated.jsonl")
-        assert_same_ranked(records(a, f"iter{t}/ranked.jsonl"), records(b, f"iter{t}/ranked.jsonl"))
-        wa, wb = (load_file(d / f"iter{t}" / "checkpoint" / "model.safetensors") for d in (a, b))
-        assert wa.keys() == wb.keys() and max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-4
+        assert_same_ranked(world, records(a, f"iter{t}/ranked.jsonl"), records(b, f"iter{t}/ranked.jsonl"))
+        start = world / "policy" if t == 1 else b / f"iter{t - 1}" / "checkpoint"
+        assert_same_weights(a / f"iter{t}" / "checkpoint", b / f"iter{t}" / "checkpoint", start)
 
 
 @pytest.mark.slow
@@ -228,16 +235,19 @@ def test_run_loop_killed_in_every_stage_then_rerun(world, tmp_path):
     out = tmp_path / "loop"
     env = loop_env(world, out)
     it1, it2 = out / "iter1", out / "iter2"
-    kill_loop_when(env, lambda: lines(it1 / "generated.jsonl.0.partial") >= 2)  # mid-generate
-    kill_loop_when(env, lambda: lines(it1 / "ranked.jsonl.0.partial") >= 2)     # mid-rank
-    kill_loop_when(env, lambda: (it1 / "checkpoint.tmp" / "config.json").exists())  # mid-save of the checkpoint
+    kill_loop_at(env, "generate/partial-written", tmp_path)  # mid-generate: a batch in OUT.partial
+    assert lines(it1 / "generated.jsonl.0.partial") >= 1 and not (it1 / "generated.jsonl").exists()
+    kill_loop_at(env, "rank/partial-written", tmp_path)  # mid-rank
+    assert lines(it1 / "ranked.jsonl.0.partial") >= 1 and not (it1 / "ranked.jsonl").exists()
+    kill_loop_at(env, "checkpoint-weights", tmp_path)  # mid-save of the checkpoint: weights written, not the tokenizer
+    assert (it1 / "checkpoint.tmp" / "model.safetensors").exists() and not (it1 / "checkpoint").exists()
     kill_loop_when(env, lambda: (it2 / "generated.jsonl").exists())  # between stages of iteration 2
     # a stage killed inside its output's rename window, via the hook
     p = run_loop(dict(env, SPPO_FAULT="after-rename"), check=False)
     assert p.returncode != 0 and "stage 'rank' failed (iteration 2)" in p.stderr
     p = run_loop(env)
     assert "[iter 1] train: done earlier" in p.stdout and "[iter 2] generate: done earlier" in p.stdout
-    assert_same_loop_outputs(out, ref)
+    assert_same_loop_outputs(world, out, ref)
     assert not [f for f in out.rglob("*") if f.name.endswith((".partial", ".tmp")) or ".jsonl." in f.name]
     assert "nothing to do" in run_loop(env).stdout
 

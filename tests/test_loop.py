@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, read_jsonl
-from test_faults import assert_same_loop_outputs, kill_loop_when
+from test_faults import assert_same_loop_outputs, kill_loop_at
 
 
 def loop_env(world, out, **env):
@@ -74,16 +74,16 @@ def test_iteration_two_samples_from_what_iteration_one_learned(world, learned):
 
 
 def test_loop_killed_while_training_then_rerun(world, learned, tmp_path):
-    """The loop and its running stage SIGKILLed while iteration 1 trains (OUT/iter1/checkpoint.tmp exists), as a
+    """The loop and its running stage SIGKILLed while iteration 1 trains (its first step logged in OUT/iter1/checkpoint.tmp), as a
     scheduler or a lost machine does; the rerun redoes only the training and ends with the outputs of the
     uninterrupted run. (One iteration: what follows a finished iteration is the same loop again.)"""
     out = tmp_path / "loop"
     env = loop_env(world, out, ITERS="1")
-    kill_loop_when(env, lambda: (out / "iter1" / "checkpoint.tmp").exists())
+    kill_loop_at(env, "train-step", tmp_path)  # step 1 logged in OUT.tmp
     assert (out / "iter1" / "ranked.jsonl").exists() and not (out / "iter1" / "checkpoint").exists()
     p = loop(world, out, ITERS="1")
     assert "[iter 1] rank: done earlier" in p.stdout and "1 stages run" in p.stdout
-    assert_same_loop_outputs(out, learned[0], iters=(1,))
+    assert_same_loop_outputs(world, out, learned[0], iters=(1,))
     assert not [f for f in out.rglob("*") if f.name.endswith((".partial", ".tmp")) or ".jsonl." in f.name]
 
 

@@ -39,7 +39,7 @@ def test_bt_probs_equal_the_release_to_float32_rounding():
     assert np.abs(P - released_probs(M, np.float64)).max() < 1e-12  # ... and that is the only difference
     # the release's W: probability rows summed, over K; best and worst: argmax / argmin of its scores s
     W = rank.win_rates(P)
-    assert np.allclose(W, released_probs(M).sum(axis=1) / 5, atol=1e-6)
+    assert np.allclose(W, released_probs(M).sum(axis=1) / 5, rtol=0, atol=1e-6)  # the same float32 rounding of s
     s = (M - M.T).mean(axis=-1)
     assert train_sppo.select_responses(W.tolist(), "best-worst") == [int(s.argmax()), int(s.argmin())]
     # ours (pairwise) is a different matrix: P_ij depends only on M_ij and M_ji
@@ -98,7 +98,7 @@ def test_rank_gives_pairrm_the_templated_source(world, tmp_path):
     """rank.py --source-template: PairRM reads release_source(prompt), in fp16 when asked, and the setting is
     recorded with the records."""
     import torch
-    from pairrm import load_ranker, pair_logits
+    from pairrm import default_batch_size, load_ranker, pair_logits
     recs = [{"id": "a", "prompt": "Say hi.", "responses": ["Hi! Hope this helps!", "Um, hi."]},
             {"id": "b", "prompt": "Is None a value?", "responses": ["Um, yes.", "Yes, it is. Hope this helps!"]}]
     write_jsonl(tmp_path / "gen.jsonl", recs)
@@ -111,11 +111,13 @@ def test_rank_gives_pairrm_the_templated_source(world, tmp_path):
     model, tokenizer = load_ranker(str(world / "ranker"), "cpu", "fp16")
     assert {t.dtype for t in model.parameters()} == {torch.float16}  # llm-blender's .half()
     tok = load_tokenizer(str(world / "policy"))
-    for r, g in zip(recs, got):
-        src = released_source(tok, r["prompt"])
-        m = pair_logits(model, tokenizer, [(src, r["responses"][0], r["responses"][1]),
-                                           (src, r["responses"][1], r["responses"][0])])
-        assert np.allclose([g["logits"][0][1], g["logits"][1][0]], m)
+    # the pairs as rank.py scores them (one call for both records, its CPU batch size): the same fp16
+    # computation on the same machine, so the same numbers (fp16 rounds to 2^-11: another batching could
+    # flip a rounding and move a logit by far more than fp32 would)
+    pairs = [(released_source(tok, r["prompt"]), r["responses"][i], r["responses"][j])
+             for r in recs for i, j in ((0, 1), (1, 0))]
+    m = pair_logits(model, tokenizer, pairs, batch_size=default_batch_size("cpu"))
+    assert [x for g in got for x in (g["logits"][0][1], g["logits"][1][0])] == m.tolist()
 
 
 # -----------------------------------------------------------------------------
