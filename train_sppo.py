@@ -38,6 +38,10 @@ global batch of step s is the same set of prompts for any number of processes, s
 the same losses (up to float summation order). Only rank 0 reads the checkpoint; the others build the model on
 the meta device and receive their shards from it (load_model), so the host holds one full copy of the
 weights, not one per process (8 x 28 GB for a 7B model in fp32).
+
+--lora-r R trains a LoRA adapter (peft) on the frozen pi_t instead of every weight: pi_t is still the reference
+(the adapter starts at zero), OUT is the merged model, an ordinary checkpoint, and OUT/adapter/ the adapter alone
+in PEFT's format; the training states hold the adapter only. docs/lora.md tells when and how.
 """
 import argparse
 import contextlib
@@ -461,7 +465,8 @@ def checkpoint_dtype(model):
     """The dtype the checkpoint's weights are stored in (its config's), fp32 where it names none."""
     import torch
     from transformers import AutoConfig
-    return getattr(torch, str(getattr(AutoConfig.from_pretrained(model), "dtype", None) or "float32").replace("torch.", ""))
+    stored = getattr(AutoConfig.from_pretrained(model), "dtype", None) or "float32"
+    return getattr(torch, str(stored).replace("torch.", ""))
 
 
 def add_lora(model, args, run):
@@ -478,7 +483,7 @@ def add_lora(model, args, run):
                          f"{type(model).__name__}'s linear layers are {', '.join(sorted(names))}")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules="all-linear" if targets == ["all-linear"] else targets)
-    model = get_peft_model(model, config)  # the adapter in fp32 (peft's autocast_adapter_dtype), A drawn from torch's seed
+    model = get_peft_model(model, config)  # the adapter in fp32 (peft's autocast_adapter_dtype); A from torch's seed
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     run.print(f"train: LoRA r {args.lora_r}, alpha {args.lora_alpha:g} on {args.lora_targets}: {trainable:,} trainable "
@@ -488,14 +493,15 @@ def add_lora(model, args, run):
 
 def merge_lora(state, scale):
     """A PeftModel's full state dict -> the plain model's, each adapted weight merged: W + scale B A (scale =
-    alpha / r), in fp32 and returned in W's dtype's place as fp32; every other tensor as it was."""
+    alpha / r) computed and returned in fp32 (the caller casts to the checkpoint's dtype); every other tensor as it was."""
     out = {}
     for key, t in state.items():
         if ".lora_A." in key or ".lora_B." in key:
             continue
         if key.endswith(".base_layer.weight"):
             m = key[:-len("base_layer.weight")]
-            t = t.float() + scale * (state[m + "lora_B.default.weight"].float() @ state[m + "lora_A.default.weight"].float())
+            a, b = state[m + "lora_A.default.weight"], state[m + "lora_B.default.weight"]
+            t = t.float() + scale * (b.float() @ a.float())
         out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = t
     return out
 
@@ -788,7 +794,7 @@ def load_state(path, model, opt, sched, ref_shape, run):
     mine = f"rank{run.rank if run.rank < meta['processes'] else 0}"
     tied = tied_names(model)  # saved once
     options = state_options(model)
-    model_state, opt_state = get_state_dict(model, opt, options=options)  # the tensors to load into (the optimizer's state made)
+    model_state, opt_state = get_state_dict(model, opt, options=options)  # to load into (the optimizer's state made)
     state = {"model": {k: v for k, v in model_state.items() if k not in tied}, "optimizer": opt_state,
              "scheduler": sched.state_dict(), "ref": torch.zeros(ref_shape, dtype=torch.float64),
              "rng": {mine: rng_state(run)}}
