@@ -69,6 +69,33 @@ def recipe_memory(m, tokens=1024):
             "total": held + max(sum(forward.values()), 4 * embed / GB)}
 
 
+def lora_params(m, r):
+    """Parameters of a rank-r LoRA adapter on every attention and MLP projection (train_sppo --lora-targets
+    all-linear): r (inputs + outputs) per projection."""
+    per_layer = (m["H"] + m["A"]) * 2 + (m["H"] + m["KV"]) * 2 + 3 * (m["H"] + m["I"])
+    return m["L"] * r * per_layer
+
+
+def lora_memory(m, micro, r=16, tokens=1024):
+    """GB of one LoRA training process (GPUS=1, bf16, gradient checkpointing, micro prompts a forward): the frozen
+    model in bf16 as stored (2 bytes a parameter), the adapter's fp32 weights, gradients and RMSprop state (12 bytes
+    an adapter parameter), and recipe_memory's activations at this micro-batch (the adapter's own, r wide, are
+    negligible). No frozen weight has a gradient or optimizer state: that is the 12 bytes a parameter full
+    training pays and LoRA does not."""
+    full = recipe_memory({**m, "micro": micro}, tokens)
+    params, adapter = full["parameters (B)"] * 1e9, lora_params(m, r)
+    state = {"frozen weights bf16": 2 * params / GB, "adapter fp32 + gradients + RMSprop": 12 * adapter / GB}
+    forward = {k: full[k] for k in ("bf16 root + two layers", "checkpointed layer inputs", "one layer recomputed",
+                                    "lm_head bf16 + logit chunks")}
+    return {"adapter (M)": adapter / 1e6, **state, **forward, "total": sum(state.values()) + sum(forward.values())}
+
+
+def lora_micro_batch(m, card_gb, r=16, tokens=1024):
+    """The largest micro-batch (prompts a forward, a power of two up to 8) whose LoRA run fits card_gb; 0: none."""
+    fits = [micro for micro in (1, 2, 4, 8) if lora_memory(m, micro, r, tokens)["total"] <= card_gb]
+    return max(fits, default=0)
+
+
 def per_gpu(m, gpus, tokens=1024):
     """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 with GPUS > 1 each holds 1/GPUS of the fp32 weights,
     gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), and as one process the
@@ -127,7 +154,11 @@ def main():
     gpus = [1, 2, 4, 8]
     table([{"model": n, **{f"GPUS={g}": per_gpu(m, g) for g in gpus}} for n, m in RECIPES.items()],
           [("model", "GB per GPU", "{}"), *((f"GPUS={g}", f"GPUS={g}", "{:.1f}") for g in gpus)])
-    recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus}} for n, r in recipes.items()}
+    lora = {n: {f"micro {b}": lora_memory(m, b)["total"] for b in (1, 2, 4, 8)} for n, m in RECIPES.items()}
+    table([{"model": n, **r} for n, r in lora.items()],
+          [("model", "LoRA r16, one GPU, GB", "{}"), *((k, k, "{:.1f}") for k in next(iter(lora.values())))])
+    recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus},
+                   "LoRA r16, one GPU": {**lora_memory(RECIPES[n], 1), **lora[n]}} for n, r in recipes.items()}
     live = LiveResults(args.out, dtypes, benchmark="memory", machine=machine(), recipes=recipes,
                        command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
     with tempfile.TemporaryDirectory() as tmp:
