@@ -179,3 +179,16 @@ def test_lora_target_the_model_lacks_is_refused(world, data, tmp_path):
     assert p.returncode == 2 and error.startswith("error: --lora-targets q_proj,qkv_proj: no module named qkv_proj")
     assert error.endswith("linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
     assert not os.path.exists(out) and not os.path.exists(f"{out}.tmp") and not os.path.exists(f"{out}.state")
+
+
+def test_loop_passes_lora_and_guards_it(world, tmp_path):
+    """run_loop.sh with LORA_R: one small iteration of configs/tiny.env whose checkpoint is the merged model with
+    its adapter beside it; the run directory then refuses another LORA_R, naming it."""
+    from test_loop import loop
+    out = tmp_path / "loop"
+    loop(world, out, ITERS="1", LORA_R="8", LORA_ALPHA="16")
+    ckpt = out / "iter1" / "checkpoint"
+    check_merged(ckpt, world / "policy", 8, 16)
+    assert json.load(open(ckpt / "sppo_train.json"))["settings"]["lora_r"] == 8
+    p = loop(world, out, check=False, ITERS="1", LORA_R="4", LORA_ALPHA="16")
+    assert p.returncode == 2 and "was made with LORA_R='8', this run has LORA_R='4'" in p.stderr
