@@ -493,7 +493,7 @@ def add_lora(model, args, run):
 
 def merge_lora(state, scale):
     """A PeftModel's full state dict -> the plain model's, each adapted weight merged: W + scale B A (scale =
-    alpha / r) computed and returned in fp32 (the caller casts to the checkpoint's dtype); every other tensor as it was."""
+    alpha / r), computed and returned in fp32 (the caller casts to the checkpoint's dtype); the rest as it was."""
     out = {}
     for key, t in state.items():
         if ".lora_A." in key or ".lora_B." in key:

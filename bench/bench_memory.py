@@ -109,7 +109,8 @@ def per_gpu(m, gpus, tokens=1024):
 
 
 def measure(args, tmp, layers, dtype):
-    """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers: two steps of two
+    """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers (dtype lora-fp32: a LoRA run of
+    rank --lora-r in fp32): two steps of two
     micro-batches, so that the second micro-batch's forward runs with every term of the arithmetic alive (the first
     micro-batch's gradients, the optimizer state of step 1, the gathered bf16 groups), as every step of the recipe does."""
     d = os.path.join(tmp, f"L{layers}")
@@ -120,10 +121,11 @@ def measure(args, tmp, layers, dtype):
         tok = AutoTokenizer.from_pretrained(os.path.join(d, "policy"))
         bench_train.write_data(d, bench_train.make_pairs(tok, args.pairs, 16, 48))
     out = os.path.join(d, f"ckpt-{dtype}")
+    lora = ["--lora-r", str(args.lora_r)] if dtype.startswith("lora-") else []
     cmd = [sys.executable, os.path.join(ROOT, "train_sppo.py"), "--model", os.path.join(d, "policy"), "--data",
            os.path.join(d, "ranked.jsonl"), "--out", out, "--batch-size", str(args.pairs), "--micro-batch-size",
            str(args.pairs // 2), "--epochs", "2", "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype",
-           dtype, "--eta", "5"]
+           dtype.removeprefix("lora-"), "--eta", "5", "--report-to", "none", *lora]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", SPPO_PROGRESS="0"))
     if p.returncode != 0:
         raise SystemExit(p.stderr[-2000:])
@@ -138,12 +140,29 @@ def measure(args, tmp, layers, dtype):
     return stats["peak_memory_gb"] * 2**30 / GB, n
 
 
+def predicted_bytes(args, dtype):
+    """Bytes a parameter the arithmetic predicts for the slope between the two depths: 12 in full training; with LoRA
+    (fp32, as the random model is stored) 4 for the frozen weights plus 12 for each adapter parameter the extra layers
+    bring, per parameter they bring."""
+    if not dtype.startswith("lora-"):
+        return 12
+    import bench_train as bt
+    s = bt.SIZES[args.size]
+    width = 64 * s["num_attention_heads"]  # random_policy's head_dim 64, as many KV heads as heads
+    m = dict(H=s["hidden_size"], A=width, KV=width, I=s["intermediate_size"], L=1)
+    per_layer = linear_params(m) + 2 * m["H"]
+    return 4 + 12 * lora_params(m, args.lora_r) / per_layer
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="100m", help="bench_train's model width (100m: hidden 1024, MLP 2816)")
     ap.add_argument("--layers", default="2,10", help="the two depths")
     ap.add_argument("--pairs", type=int, default=8, help="pairs of one step (two micro-batches)")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a CPU)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a "
+                    "CPU); "
+                    "lora-fp32: a LoRA run of rank --lora-r")
+    ap.add_argument("--lora-r", type=int, default=16, help="the adapter's rank in the lora-fp32 check")
     ap.add_argument("--out", default="bench/results/memory_cpu.json")
     args = ap.parse_args()
     lo, hi = map(int, args.layers.split(","))
@@ -164,7 +183,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
             (a, na), (b, nb) = measure(args, tmp, lo, dtype), measure(args, tmp, hi, dtype)
-            predicted = 12
+            predicted = predicted_bytes(args, dtype)
             live.data["checks"].append({"dtype": dtype, "layers": [lo, hi], "parameters": [na, nb], "peak_gb": [a, b],
                                         "bytes_per_parameter": (b - a) * GB / (nb - na), "predicted": predicted})
             live.point(dtype)

@@ -43,7 +43,8 @@ def merged_by_hand(base, adapter, scale):
     for key in adapter:
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            a, b, w = adapter[key].double(), adapter[key.replace("lora_A", "lora_B")].double(), base[module + ".weight"].double()
+            a, b = adapter[key].double(), adapter[key.replace("lora_A", "lora_B")].double()
+            w = base[module + ".weight"].double()
             # fp32 computes B A as sums of r products, then one add and one scaling: each element within
             # (r + 2) roundings of 2^-24 of the magnitudes it adds (Higham's gamma_n bound, no sqrt: a hard bound)
             bound = (a.shape[0] + 2) * U32 * (w.abs() + scale * (b.abs() @ a.abs()))
