@@ -491,18 +491,18 @@ def add_lora(model, args, run):
     return model
 
 
-def merge_lora(state, scale):
-    """A PeftModel's full state dict -> the plain model's, each adapted weight merged: W + scale B A (scale =
-    alpha / r), computed and returned in fp32 (the caller casts to the checkpoint's dtype); the rest as it was."""
+def merge_lora(state, scale, dtype):
+    """A PeftModel's full state dict -> the plain model's in `dtype`, each adapted weight merged: W + scale B A
+    (scale = alpha / r), computed in fp32, then cast. Each tensor leaves `state` as its replacement is made, so the
+    host holds one fp32 weight at a time beyond the two state dicts' (the gathered copy's memory is freed as it goes)."""
     out = {}
-    for key, t in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
+    for key in [k for k in state if ".lora_A." not in k and ".lora_B." not in k]:
+        t = state.pop(key)
         if key.endswith(".base_layer.weight"):
             m = key[:-len("base_layer.weight")]
             a, b = state[m + "lora_A.default.weight"], state[m + "lora_B.default.weight"]
             t = t.float() + scale * (b.float() @ a.float())
-        out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = t
+        out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = t.to(dtype)
     return out
 
 
@@ -669,7 +669,7 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
     state = {k: v for k, v in state.items() if k not in tied}
     if args.lora_r:  # the adapter alone (PEFT's format), then the merged model: an ordinary checkpoint
         model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state)
-        state, model = merge_lora(state, args.lora_alpha / args.lora_r), model.get_base_model()
+        state, model = merge_lora(state, args.lora_alpha / args.lora_r, save_dtype), model.get_base_model()
     model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items()})
     fault_point("checkpoint-weights")
     model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
