@@ -432,7 +432,9 @@ def load_model(args, run):
     Under torchrun only rank 0 reads the checkpoint; the other ranks build the model on the meta device (no
     memory) and receive each group's weights from rank 0 just before it is sharded (from_rank0), so a
     process never holds more than its shards, one group in full, and (rank 0) the rest of the loaded model:
-    the host holds one full copy of the weights, not one per process (8 x 28 GB for a 7B model in fp32)."""
+    the host holds one full copy of the weights, not one per process (8 x 28 GB for a 7B model in fp32).
+
+    --lora-r: the model frozen, with a fp32 LoRA adapter (add_lora) that is sharded and trained like any weight."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     # LoRA in bf16: the frozen weights stay as stored (a 7B model in 14 GB, not 28); only the adapter is fp32
@@ -493,8 +495,8 @@ def add_lora(model, args, run):
 
 def merge_lora(state, scale, dtype):
     """A PeftModel's full state dict -> the plain model's in `dtype`, each adapted weight merged: W + scale B A
-    (scale = alpha / r), computed in fp32, then cast. Each tensor leaves `state` as its replacement is made, so the
-    host holds one fp32 weight at a time beyond the two state dicts' (the gathered copy's memory is freed as it goes)."""
+    (scale = alpha / r), computed in fp32, then cast. Each tensor leaves `state` as its replacement is made: under
+    FSDP, where `state` is a gathered copy, the host never holds both whole models."""
     out = {}
     for key in [k for k in state if ".lora_A." not in k and ".lora_B." not in k]:
         t = state.pop(key)
