@@ -43,7 +43,7 @@ test-all: setup $(VENV)/.bench-installed $(VENV)/.eval-installed
 	$(MAKE) --no-print-directory test-kernels
 
 NUMERIC_TESTS := tests/test_formulas.py tests/test_logps.py tests/test_rank.py tests/test_preference.py \
-	tests/test_train.py tests/test_resume.py
+	tests/test_train.py tests/test_resume.py tests/test_lora.py
 KERNELS ?= $(shell $(VENV)/bin/python -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')" 2>/dev/null)
 test-kernels: setup $(VENV)/.eval-installed
 	@echo "numeric tests under ATEN_CPU_CAPABILITY=$(KERNELS)"

@@ -52,6 +52,8 @@ SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEE
           BATCH MICRO_BATCH OPTIMIZER WARMUP MAX_LENGTH MAX_PROMPT_LENGTH SELECT TRAIN_SEED GEN_ARGS RANK_ARGS TRAIN_ARGS"
 LOSS=${LOSS:-sppo}
 [ "$LOSS" = sppo ] || SETTINGS="$SETTINGS LOSS"   # runs made before --loss existed were all sppo
+LORA_R=${LORA_R:-0} LORA_ALPHA=${LORA_ALPHA:-16} LORA_DROPOUT=${LORA_DROPOUT:-0} LORA_TARGETS=${LORA_TARGETS:-all-linear}
+[ "$LORA_R" = 0 ] || SETTINGS="$SETTINGS LORA_R LORA_ALPHA LORA_DROPOUT LORA_TARGETS"   # and before LoRA, none had it
 mkdir -p "$OUT"
 # One loop per OUT: the lock is held by this shell and inherited by its stages, so a second loop started
 # while this one (or a stage orphaned by killing this shell alone) still runs is refused.
@@ -179,6 +181,7 @@ for ((t = 1; t <= ITERS; t++)); do
             --eta "$ETA" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH" --micro-batch-size "$MICRO_BATCH" \
             --optimizer "$OPTIMIZER" --warmup-ratio "$WARMUP" --max-length "$MAX_LENGTH" \
             --max-prompt-length "$MAX_PROMPT_LENGTH" --select "$SELECT" --seed "$TRAIN_SEED" --loss "$LOSS" \
+            --lora-r "$LORA_R" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" --lora-targets "$LORA_TARGETS" \
             --save-every "$SAVE_EVERY" --report-to "$REPORT_TO" ${TRAIN_ARGS-} \
             > "$LOGS/train.log" 2>&1 || die train "$LOGS/train.log"
         echo "[iter $t] train: $(( SECONDS - start ))s  $(tail -n 1 "$LOGS/train.log")"

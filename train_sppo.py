@@ -38,6 +38,10 @@ global batch of step s is the same set of prompts for any number of processes, s
 the same losses (up to float summation order). Only rank 0 reads the checkpoint; the others build the model on
 the meta device and receive their shards from it (load_model), so the host holds one full copy of the
 weights, not one per process (8 x 28 GB for a 7B model in fp32).
+
+--lora-r R trains a LoRA adapter (peft) on the frozen pi_t instead of every weight: pi_t is still the reference
+(the adapter starts at zero), OUT is the merged model, an ordinary checkpoint, and OUT/adapter/ the adapter alone
+in PEFT's format; the training states hold the adapter only. docs/lora.md tells when and how.
 """
 import argparse
 import contextlib
@@ -428,10 +432,14 @@ def load_model(args, run):
     Under torchrun only rank 0 reads the checkpoint; the other ranks build the model on the meta device (no
     memory) and receive each group's weights from rank 0 just before it is sharded (from_rank0), so a
     process never holds more than its shards, one group in full, and (rank 0) the rest of the loaded model:
-    the host holds one full copy of the weights, not one per process (8 x 28 GB for a 7B model in fp32)."""
+    the host holds one full copy of the weights, not one per process (8 x 28 GB for a 7B model in fp32).
+
+    --lora-r: the model frozen, with a fp32 LoRA adapter (add_lora) that is sharded and trained like any weight."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    kw = dict(dtype=torch.float32, attn_implementation=args.attn_implementation)  # None: transformers' default
+    # LoRA in bf16: the frozen weights stay as stored (a 7B model in 14 GB, not 28); only the adapter is fp32
+    stored = checkpoint_dtype(args.model) if args.lora_r and run.dtype == "bf16" else torch.float32
+    kw = dict(dtype=stored, attn_implementation=args.attn_implementation)  # None: transformers' default
     if run.master:
         model = AutoModelForCausalLM.from_pretrained(args.model, **kw)
     else:
@@ -440,6 +448,8 @@ def load_model(args, run):
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r:
+        model = add_lora(model, args, run)
     if not run.sharded:
         return model.to(run.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -451,6 +461,51 @@ def load_model(args, run):
         from_rank0(m, run)
         fully_shard(m, mp_policy=mp)  # each process keeps its shard; the full tensors are freed
     return model
+
+
+def checkpoint_dtype(model):
+    """The dtype the checkpoint's weights are stored in (its config's), fp32 where it names none."""
+    import torch
+    from transformers import AutoConfig
+    stored = getattr(AutoConfig.from_pretrained(model), "dtype", None) or "float32"
+    return getattr(torch, str(stored).replace("torch.", ""))
+
+
+def add_lora(model, args, run):
+    """The model with a LoRA adapter (peft) on --lora-targets, everything else frozen: W x + (alpha/r) B A x, with B
+    zero at the start, so the model is still pi_t (the reference log-probs are its own). A target that matches no
+    module is refused before anything is written, with the names the model's linear layers have."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    targets = args.lora_targets.split(",")
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t != "all-linear" and t not in names]
+    if missing:
+        raise InputError(f"--lora-targets {args.lora_targets}: no module named {', '.join(missing)}; "
+                         f"{type(model).__name__}'s linear layers are {', '.join(sorted(names))}")
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    model = get_peft_model(model, config)  # the adapter in fp32 (peft's autocast_adapter_dtype); A from torch's seed
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    run.print(f"train: LoRA r {args.lora_r}, alpha {args.lora_alpha:g} on {args.lora_targets}: {trainable:,} trainable "
+              f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def merge_lora(state, scale, dtype):
+    """A PeftModel's full state dict -> the plain model's in `dtype`, each adapted weight merged: W + scale B A
+    (scale = alpha / r), computed in fp32, then cast. Each tensor leaves `state` as its replacement is made: under
+    FSDP, where `state` is a gathered copy, the host never holds both whole models."""
+    out = {}
+    for key in [k for k in state if ".lora_A." not in k and ".lora_B." not in k]:
+        t = state.pop(key)
+        if key.endswith(".base_layer.weight"):
+            m = key[:-len("base_layer.weight")]
+            a, b = state[m + "lora_A.default.weight"], state[m + "lora_B.default.weight"]
+            t = t.float() + scale * (b.float() @ a.float())
+        out[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = t.to(dtype)
+    return out
 
 
 def check_same_shapes(model, run):
@@ -604,8 +659,6 @@ def step_log(s, epoch_steps, stats, n_resp, grad_norm, lr, seconds):
 def save_checkpoint(model, tok, args, run, tmp, meta):
     """OUT.tmp as a save_pretrained directory in the starting checkpoint's dtype, synced, then renamed to OUT:
     OUT exists only when complete. Every process must call it (FSDP gathers the full weights)."""
-    import torch
-    from transformers import AutoConfig
     if run.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -613,10 +666,13 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
         state = model.state_dict()
     if not run.master:
         return
-    save_dtype = getattr(torch, str(getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or "float32")
-                         .replace("torch.", ""))
+    save_dtype = checkpoint_dtype(args.model)
     tied = tied_names(model)  # save a tied weight once
-    model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
+    state = {k: v for k, v in state.items() if k not in tied}
+    if args.lora_r:  # the adapter alone (PEFT's format), then the merged model: an ordinary checkpoint
+        model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state)
+        state, model = merge_lora(state, args.lora_alpha / args.lora_r, save_dtype), model.get_base_model()
+    model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items()})
     fault_point("checkpoint-weights")
     model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
     model.config.use_cache = True
@@ -700,7 +756,7 @@ def save_state(out, step, model, opt, sched, ref, history, seconds, settings, ru
     from torch.distributed.checkpoint.state_dict import get_state_dict
     t0, root = time.time(), out + ".state"
     final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f"step-{step}.tmp")
-    model_state, opt_state = get_state_dict(model, opt)  # FSDP: this process's shards, as DTensors
+    model_state, opt_state = get_state_dict(model, opt, options=state_options(model))  # FSDP: this process's shards
     model_state = {k: v for k, v in model_state.items() if k not in tied_names(model)}  # a tied weight once
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: as meant
@@ -721,6 +777,13 @@ def save_state(out, step, model, opt, sched, ref, history, seconds, settings, ru
     run.print(f"train: training state after step {step} -> {final} ({time.time() - t0:.1f}s)")
 
 
+def state_options(model):
+    """The weights a training state holds: the trained ones. With LoRA the frozen model is not saved (it is --model,
+    read again on resume) and so not expected back (strict only when every weight is trained)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True, strict=all(p.requires_grad for p in model.parameters()))
+
+
 def load_state(path, model, opt, sched, ref_shape, run):
     """Restore what save_state wrote into the model, optimizer and schedule just made: (step, ref, log lines,
     training seconds so far). On another number of processes DCP reshards the weights and optimizer state
@@ -732,15 +795,16 @@ def load_state(path, model, opt, sched, ref_shape, run):
         meta = json.load(f)
     mine = f"rank{run.rank if run.rank < meta['processes'] else 0}"
     tied = tied_names(model)  # saved once
-    model_state, opt_state = get_state_dict(model, opt)  # the tensors to load into (the optimizer's state made)
+    options = state_options(model)
+    model_state, opt_state = get_state_dict(model, opt, options=options)  # to load into (the optimizer's state made)
     state = {"model": {k: v for k, v in model_state.items() if k not in tied}, "optimizer": opt_state,
              "scheduler": sched.state_dict(), "ref": torch.zeros(ref_shape, dtype=torch.float64),
              "rng": {mine: rng_state(run)}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=not run.sharded)
-    state["model"].update({name: state["model"][first] for name, first in tied.items()})
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    state["model"].update({name: state["model"][first] for name, first in tied.items() if first in state["model"]})
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
     sched.load_state_dict(state["scheduler"])
     model.train()  # as reference_logps leaves it (from_pretrained gives eval mode: no dropout)
     torch.set_rng_state(state["rng"][mine]["cpu"])
@@ -800,6 +864,14 @@ def parser():
     ap.add_argument("--attn-implementation", default=None, help="passed to from_pretrained: eager, sdpa, "
                     "flash_attention_2 (default: transformers' choice). Gemma-2 needs eager: the others skip its "
                     "attention-logit soft-capping")
+    # LoRA (docs/lora.md)
+    ap.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank on the frozen model "
+                    "and write the merged model (plus OUT/adapter/, PEFT's format); 0: train every weight")
+    ap.add_argument("--lora-alpha", type=float, default=16.0, help="the adapter's scale is alpha / r")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (0 keeps step "
+                    "1's log-ratios at 0)")
+    ap.add_argument("--lora-targets", default="all-linear", help="comma-separated module names (q_proj,v_proj), or "
+                    "all-linear: every linear layer but the output head (the attention and MLP projections)")
     # long runs
     ap.add_argument("--save-every", type=int, default=50, help="optimizer steps between training states "
                     "(OUT.state/, sharded with torch.distributed.checkpoint) that a rerun resumes from; 0: none. The "
@@ -819,6 +891,8 @@ def check_args(args, world):
             and args.dist_timeout_minutes > 0 and args.save_every >= 0):
         raise InputError("need --lr > 0, --eta > 0, 0 <= --warmup-ratio < 1, --max-grad-norm >= 0, "
                          "--dist-timeout-minutes > 0 and --save-every >= 0")
+    if not (args.lora_r >= 0 and args.lora_alpha > 0 and 0 <= args.lora_dropout < 1):
+        raise InputError("need --lora-r >= 0, --lora-alpha > 0 and 0 <= --lora-dropout < 1")
     if args.loss != "sppo" and args.select != "best-worst":
         raise InputError(f"--loss {args.loss} compares a winner with a loser: it needs --select best-worst")
     if args.max_prompt_length >= args.max_length:
@@ -838,10 +912,12 @@ def run_settings(args, dtype):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return {"model": args.model, "data_sha256": h.hexdigest(),
-            # (earlier runs have none of these keys: they were all sppo, ours, transformers' attention)
+            # (earlier runs have none of these keys: they were all sppo, ours, transformers' attention, no LoRA)
             **({"loss": args.loss} if args.loss != "sppo" else {}),
             **({"truncation": args.truncation} if args.truncation != "ours" else {}),
             **({"attn_implementation": args.attn_implementation} if args.attn_implementation else {}),
+            **({k: getattr(args, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")}
+               if args.lora_r else {}),
             **{k: getattr(args, k) for k in ("eta", "select", "lr", "epochs", "batch_size", "optimizer", "schedule",
                                              "warmup_ratio", "max_grad_norm", "max_length", "max_prompt_length",
                                              "seed")}, "dtype": dtype}

@@ -69,6 +69,33 @@ def recipe_memory(m, tokens=1024):
             "total": held + max(sum(forward.values()), 4 * embed / GB)}
 
 
+def lora_params(m, r):
+    """Parameters of a rank-r LoRA adapter on every attention and MLP projection (train_sppo --lora-targets
+    all-linear): r (inputs + outputs) per projection."""
+    per_layer = (m["H"] + m["A"]) * 2 + (m["H"] + m["KV"]) * 2 + 3 * (m["H"] + m["I"])
+    return m["L"] * r * per_layer
+
+
+def lora_memory(m, micro, r=16, tokens=1024):
+    """GB of one LoRA training process (GPUS=1, bf16, gradient checkpointing, micro prompts a forward): the frozen
+    model in bf16 as stored (2 bytes a parameter), the adapter's fp32 weights, gradients and RMSprop state (12 bytes
+    an adapter parameter), and recipe_memory's activations at this micro-batch (the adapter's own, r wide, are
+    negligible). No frozen weight has a gradient or optimizer state: that is the 12 bytes a parameter full
+    training pays and LoRA does not."""
+    full = recipe_memory({**m, "micro": micro}, tokens)
+    params, adapter = full["parameters (B)"] * 1e9, lora_params(m, r)
+    state = {"frozen weights bf16": 2 * params / GB, "adapter fp32 + gradients + RMSprop": 12 * adapter / GB}
+    forward = {k: full[k] for k in ("bf16 root + two layers", "checkpointed layer inputs", "one layer recomputed",
+                                    "lm_head bf16 + logit chunks")}
+    return {"adapter (M)": adapter / 1e6, **state, **forward, "total": sum(state.values()) + sum(forward.values())}
+
+
+def lora_micro_batch(m, card_gb, r=16, tokens=1024):
+    """The largest micro-batch (prompts a forward, a power of two up to 8) whose LoRA run fits card_gb; 0: none."""
+    fits = [micro for micro in (1, 2, 4, 8) if lora_memory(m, micro, r, tokens)["total"] <= card_gb]
+    return max(fits, default=0)
+
+
 def per_gpu(m, gpus, tokens=1024):
     """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 with GPUS > 1 each holds 1/GPUS of the fp32 weights,
     gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), and as one process the
@@ -82,7 +109,8 @@ def per_gpu(m, gpus, tokens=1024):
 
 
 def measure(args, tmp, layers, dtype):
-    """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers: two steps of two
+    """train_sppo.py's peak memory (GB, VmHWM) on a random model with this many layers (dtype lora-fp32: a LoRA run of
+    rank --lora-r in fp32): two steps of two
     micro-batches, so that the second micro-batch's forward runs with every term of the arithmetic alive (the first
     micro-batch's gradients, the optimizer state of step 1, the gathered bf16 groups), as every step of the recipe does."""
     d = os.path.join(tmp, f"L{layers}")
@@ -93,10 +121,11 @@ def measure(args, tmp, layers, dtype):
         tok = AutoTokenizer.from_pretrained(os.path.join(d, "policy"))
         bench_train.write_data(d, bench_train.make_pairs(tok, args.pairs, 16, 48))
     out = os.path.join(d, f"ckpt-{dtype}")
+    lora = ["--lora-r", str(args.lora_r)] if dtype.startswith("lora-") else []
     cmd = [sys.executable, os.path.join(ROOT, "train_sppo.py"), "--model", os.path.join(d, "policy"), "--data",
            os.path.join(d, "ranked.jsonl"), "--out", out, "--batch-size", str(args.pairs), "--micro-batch-size",
            str(args.pairs // 2), "--epochs", "2", "--optimizer", "rmsprop", "--gradient-checkpointing", "--dtype",
-           dtype, "--eta", "5"]
+           dtype.removeprefix("lora-"), "--eta", "5", "--report-to", "none", *lora]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", SPPO_PROGRESS="0"))
     if p.returncode != 0:
         raise SystemExit(p.stderr[-2000:])
@@ -111,12 +140,29 @@ def measure(args, tmp, layers, dtype):
     return stats["peak_memory_gb"] * 2**30 / GB, n
 
 
+def predicted_bytes(args, dtype):
+    """Bytes a parameter the arithmetic predicts for the slope between the two depths: 12 in full training; with LoRA
+    (fp32, as the random model is stored) 4 for the frozen weights plus 12 for each adapter parameter the extra layers
+    bring, per parameter they bring."""
+    if not dtype.startswith("lora-"):
+        return 12
+    import bench_train as bt
+    s = bt.SIZES[args.size]
+    width = 64 * s["num_attention_heads"]  # random_policy's head_dim 64, as many KV heads as heads
+    m = dict(H=s["hidden_size"], A=width, KV=width, I=s["intermediate_size"], L=1)
+    per_layer = linear_params(m) + 2 * m["H"]
+    return 4 + 12 * lora_params(m, args.lora_r) / per_layer
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="100m", help="bench_train's model width (100m: hidden 1024, MLP 2816)")
     ap.add_argument("--layers", default="2,10", help="the two depths")
     ap.add_argument("--pairs", type=int, default=8, help="pairs of one step (two micro-batches)")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a CPU)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="train_sppo.py --dtype of each check (bf16 is slow on a "
+                    "CPU); "
+                    "lora-fp32: a LoRA run of rank --lora-r")
+    ap.add_argument("--lora-r", type=int, default=16, help="the adapter's rank in the lora-fp32 check")
     ap.add_argument("--out", default="bench/results/memory_cpu.json")
     args = ap.parse_args()
     lo, hi = map(int, args.layers.split(","))
@@ -127,13 +173,17 @@ def main():
     gpus = [1, 2, 4, 8]
     table([{"model": n, **{f"GPUS={g}": per_gpu(m, g) for g in gpus}} for n, m in RECIPES.items()],
           [("model", "GB per GPU", "{}"), *((f"GPUS={g}", f"GPUS={g}", "{:.1f}") for g in gpus)])
-    recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus}} for n, r in recipes.items()}
+    lora = {n: {f"micro {b}": lora_memory(m, b)["total"] for b in (1, 2, 4, 8)} for n, m in RECIPES.items()}
+    table([{"model": n, **r} for n, r in lora.items()],
+          [("model", "LoRA r16, one GPU, GB", "{}"), *((k, k, "{:.1f}") for k in next(iter(lora.values())))])
+    recipes = {n: {**r, **{f"per GPU, GPUS={g}": per_gpu(RECIPES[n], g) for g in gpus},
+                   "LoRA r16, one GPU": {**lora_memory(RECIPES[n], 1), **lora[n]}} for n, r in recipes.items()}
     live = LiveResults(args.out, dtypes, benchmark="memory", machine=machine(), recipes=recipes,
                        command="python bench/bench_memory.py " + " ".join(sys.argv[1:]), checks=[])
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
             (a, na), (b, nb) = measure(args, tmp, lo, dtype), measure(args, tmp, hi, dtype)
-            predicted = 12
+            predicted = predicted_bytes(args, dtype)
             live.data["checks"].append({"dtype": dtype, "layers": [lo, hi], "parameters": [na, nb], "peak_gb": [a, b],
                                         "bytes_per_parameter": (b - a) * GB / (nb - na), "predicted": predicted})
             live.point(dtype)

@@ -19,6 +19,8 @@ FLAGS = {"K": (generate, "k"), "TEMPERATURE": (generate, "temperature"), "TOP_P"
          "OPTIMIZER": (train_sppo, "optimizer"), "WARMUP": (train_sppo, "warmup_ratio"),
          "MAX_LENGTH": (train_sppo, "max_length"), "MAX_PROMPT_LENGTH": (train_sppo, "max_prompt_length"),
          "SELECT": (train_sppo, "select"), "TRAIN_SEED": (train_sppo, "seed"), "LOSS": (train_sppo, "loss"),
+         "LORA_R": (train_sppo, "lora_r"), "LORA_ALPHA": (train_sppo, "lora_alpha"),
+         "LORA_DROPOUT": (train_sppo, "lora_dropout"), "LORA_TARGETS": (train_sppo, "lora_targets"),
          "SAVE_EVERY": (train_sppo, "save_every"), "REPORT_TO": (train_sppo, "report_to")}
 
 
