@@ -20,7 +20,8 @@ P_ij = sigmoid(s_i - s_j), s_i = mean_j (M_ij - M_ji), which depends on the othe
 
 Another kind gives its own logits M through the same both-orders formula: a reward model M_ij = r_i - r_j (so
 P_ij = sigmoid(r_i - r_j), and mean_j M_ij = r_i - mean(r), the centred reward); a function likewise with its
-score s, M_ij = s_i - s_j; an LLM judge M_ij = log p(A) - log p(B) asked with y_i as answer A. --prob-mode bt is PairRM's release formula and PairRM's only.
+score s, M_ij = s_i - s_j; an LLM judge M_ij = log p(A) - log p(B) asked with y_i as answer A. --prob-mode bt is
+PairRM's release formula and PairRM's only.
 
 PairRM reads the plain prompt as its source. --source-template MODEL gives it what the released code gives
 it instead: the prompt through MODEL's chat template, cut before the answer (release_source).

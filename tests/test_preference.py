@@ -224,8 +224,8 @@ def test_bad_function_is_one_line(case, world, tmp_path):
             write_jsonl(tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in records])
             (tmp_path / "ref.json").write_text(json.dumps([{"instruction": r["prompt"], "output": "Reference."}
                                                            for r in records]))
-            p = run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--prompts", tmp_path / "prompts.jsonl",
-                          "--reference-outputs", tmp_path / "ref.json", "--ranker", spec, "--out", out, "--engine",
+            p = run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--prompts",
+                          tmp_path / "prompts.jsonl", "--reference-outputs", tmp_path / "ref.json", "--ranker", spec, "--out", out, "--engine",
                           "hf", "--max-tokens", 8, "--report-to", "none", check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2, p.stderr[-2000:]

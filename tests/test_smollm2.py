@@ -76,9 +76,9 @@ def test_build_refuses_an_existing_directory(tmp_path):
 # one iteration of the loop on the real model, small: 4 prompts, K=3, 24 new tokens, training in 2 processes
 
 # Reference log-prob of a response (train_sppo.py, torch fp32) minus vLLM's (fp32, its own CPU attention kernels),
-# measured on a 2-core Intel Xeon, 2026-12-06: at most 1.5e-4 nats over 24-token answers (~6e-6 per token: fp32 rounding
-# through 30 layers in two kernel families). 2e-5 per token leaves a 3x margin; one wrong or shifted id moves a
-# sum by whole nats.
+# measured on a 2-core Intel Xeon, 2026-12-06: at most 1.5e-4 nats over 24-token answers (~6e-6 per token: fp32
+# rounding through 30 layers in two kernel families). 2e-5 per token leaves a 3x margin; one wrong or shifted id
+# moves a sum by whole nats.
 TOLERANCE_PER_TOKEN = 2e-5
 ENGINE_LOGPS = r"""
 import json, os, sys
