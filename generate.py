@@ -92,14 +92,19 @@ def vllm_engine(args, seqs_per_call, longest_prompt, context):
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
     cpu = current_platform.is_cpu()
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
     if cpu:
         # On a CPU the engine's extra process only adds start-up time (~20 s) and compilation takes a
         # minute: longer than a tiny model's whole run.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        args.enforce_eager = True
-    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
-    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+        kw["enforce_eager"] = True
+        # A step that splits a prompt's prefill (chunked prefill: the step's prompt tokens exceed
+        # max_num_batched_tokens, 4096 on a CPU) makes vLLM rewind that request's seeded generator with set_offset,
+        # which only CUDA generators have: "CPU Generator does not use offset". Without chunking a prompt is
+        # prefilled whole (vLLM then raises the step's budget to at least max_model_len) or waits for the next step.
+        kw["enable_chunked_prefill"] = False
     if args.kv_cache_gb:
         kw["kv_cache_memory_bytes"] = int(args.kv_cache_gb * 2**30)
     elif cpu and args.gpu_memory_utilization is None:

@@ -1,6 +1,7 @@
-"""The preference model P(y beats y' | x) that rank.py and evaluate.py ask: PairRM, a reward model, or an LLM judge.
+"""The preference model P(y beats y' | x) that rank.py and evaluate.py ask: PairRM, a reward model, an LLM judge, or
+a Python function.
 
-All three answer one question through one method, `pair_logits(pairs)`: for each (prompt, first, second), a logit
+All four answer one question through one method, `pair_logits(pairs)`: for each (prompt, first, second), a logit
 M with M > 0 when `first` is the better answer. Callers ask both orders and combine them as for PairRM,
 P = (sigmoid(M(a, b)) + 1 - sigmoid(M(b, a))) / 2, so a position bias cancels and P(a, b) + P(b, a) = 1.
 
@@ -13,12 +14,22 @@ P = (sigmoid(M(a, b)) + 1 - sigmoid(M(b, a))) / 2, so a position bias cancels an
             answers is better; M = log p(verdict "A") - log p(verdict "B") at its first answer token, so
             sigmoid(M) is the softmax over the two verdict tokens. A general, non-transitive preference like
             PairRM's, from any model vLLM runs; one prompt forward per ordered pair.
+    function  a Python function NAME(prompt, response) -> float, named FILE.py:NAME or package.module:NAME: a rule
+            written as code (a verifiable answer, a format, a length budget; TRL's reward_funcs). It scores each
+            (prompt, response) once, s = its value, and M(a, b) = s_a - s_b: P = sigmoid(s_a - s_b), as for a
+            reward model.
 
 The kind is read from the model's config.json (PairRM's has source_prefix_id; a reward model's architecture is
-*ForSequenceClassification; a judge's *ForCausalLM), or named with --ranker-kind.
+*ForSequenceClassification; a judge's *ForCausalLM), or from the --ranker value's form (WHERE:NAME is a function),
+or named with --ranker-kind.
 """
+import functools
 import hashlib
+import importlib
+import importlib.util
 import json
+import math
+import numbers
 import os
 import re
 import sys
@@ -29,7 +40,7 @@ from common import InputError, encode_chat, is_hub_id
 from pairrm import (SOURCE_MAX_LENGTH, check_ranker_path, count_long_sources, default_batch_size,
                     default_dtype, load_ranker, pair_logits)
 
-KINDS = ("pairrm", "reward", "judge")
+KINDS = ("pairrm", "reward", "judge", "function")
 JUDGE_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "judge-prompt.txt")
 VERDICTS = ("A", "B")  # the judge's answer tokens: the first response is A, the second B
 
@@ -58,6 +69,8 @@ def detect_kind(path, kind="auto"):
     (the default hub id offline), so that its loader reports what is missing as it always has."""
     if kind != "auto" or path == "llm-blender/PairRM-hf":  # (the default needs no look-up)
         return "pairrm" if kind == "auto" else kind
+    if ":" in path and not os.path.exists(path):  # FILE.py:NAME or package.module:NAME (hub ids have no colon)
+        return "function"
     config = read_config(path)
     if config is None or "source_prefix_id" in config:
         return "pairrm"
@@ -67,13 +80,15 @@ def detect_kind(path, kind="auto"):
     if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
         return "judge"
     raise InputError(f"--ranker {path}: cannot tell its kind from config.json (architectures {archs}); "
-                     "name it with --ranker-kind pairrm|reward|judge")
+                     "name it with --ranker-kind pairrm|reward|judge|function")
 
 
 def check_preference_path(path, kind):
     """InputError unless `path` is a complete model directory of that kind's files, or looks like a hub id."""
     if kind == "pairrm":
         return check_ranker_path(path)
+    if kind == "function":
+        return load_function(path)
     if os.path.isdir(path):
         files = os.listdir(path)
         missing = [] if "config.json" in files else ["config.json"]
@@ -125,11 +140,13 @@ def load_preference(path, kind, device="cpu", dtype="fp32", batch_size=None, tem
         return PairRM(path, device, dtype, batch_size)
     if kind == "reward":
         return RewardModel(path, device, dtype, batch_size)
+    if kind == "function":
+        return ScoreFunction(path)
     return LLMJudge(path, dtype, template)
 
 
 # -----------------------------------------------------------------------------
-# the three kinds
+# the four kinds
 
 class PairRM:
     kind = "pairrm"
@@ -143,7 +160,7 @@ class PairRM:
         return [f"{long} prompts are longer than PairRM's {SOURCE_MAX_LENGTH}-token source limit; it reads the "
                 "start of each (as llm-blender does)"] if long else []
 
-    def pair_logits(self, pairs, progress_bar=None):
+    def pair_logits(self, pairs, progress_bar=None, ids=None):
         return pair_logits(self.model, self.tokenizer, pairs, self.batch_size, self.device, progress_bar)
 
 
@@ -208,7 +225,7 @@ class RewardModel:
                 out[idx] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().numpy()
         return dict(zip(items, out.tolist()))
 
-    def pair_logits(self, pairs, progress_bar=None):
+    def pair_logits(self, pairs, progress_bar=None, ids=None):
         """M = r_first - r_second, each response scored once however many pairs it is in."""
         r = self.scores([(x, y) for x, a, b in pairs for y in (a, b)])
         if progress_bar is not None:
@@ -274,7 +291,7 @@ class LLMJudge:
         text = re.sub(r"\{(prompt|first|second)\}", lambda m: values[m.group(1)], self.template)
         return encode_chat(self.tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
 
-    def pair_logits(self, pairs, progress_bar=None):
+    def pair_logits(self, pairs, progress_bar=None, ids=None):
         """M = log p(A) - log p(B) at the judge's first answer token, all pairs in one batched vLLM call."""
         from vllm import SamplingParams
         rows = [self.prompt_ids(x, a, b) for x, a, b in pairs]
@@ -292,3 +309,75 @@ class LLMJudge:
         if progress_bar is not None:
             progress_bar.update(len(rows))
         return logits
+
+
+@functools.lru_cache(maxsize=None)
+def load_function(spec):
+    """The function that `spec` names, FILE.py:NAME or package.module:NAME (imported from the current directory
+    too); every way that fails is an InputError naming the file or module and the function."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise InputError(f"--ranker {spec}: a preference function is FILE.py:NAME or package.module:NAME")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise InputError(f"--ranker {spec}: no such file {where}")
+            found = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(where)
+    except InputError:
+        raise
+    except SyntaxError as e:
+        raise InputError(f"--ranker {spec}: {e.filename or where}:{e.lineno}: syntax error ({e.msg})")
+    except ModuleNotFoundError as e:
+        raise InputError(f"--ranker {spec}: cannot import {where} (no module named '{e.name}')")
+    except Exception as e:  # whatever the module's own top level raises
+        raise InputError(f"--ranker {spec}: importing {where} raised {type(e).__name__}: {first_line(e)}")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise InputError(f"--ranker {spec}: {where} has no function {name}" +
+                         ("" if fn is None else f" ({name} is a {type(fn).__name__})"))
+    return fn
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+class ScoreFunction:
+    kind = "function"
+
+    def __init__(self, spec):
+        self.spec, self.fn = spec, load_function(spec)
+        self.name = spec.rpartition(":")[2]
+
+    def warnings(self, prompts):
+        return []
+
+    def score(self, prompt, response, rid):
+        """s = NAME(prompt, response), a finite real number; anything else names the prompt id."""
+        where = f"--ranker {self.spec}: {self.name}() on prompt id '{rid}'"
+        try:
+            s = self.fn(prompt, response)
+        except Exception as e:
+            raise InputError(f"{where} raised {type(e).__name__}: {first_line(e)}")
+        if not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise InputError(f"{where} returned {s!r:.60}, not a finite number")
+        return float(s)
+
+    def pair_logits(self, pairs, progress_bar=None, ids=None):
+        """M = s_first - s_second, each (prompt, response) scored once however many pairs it is in. `ids`: each
+        pair's prompt id, for the error messages."""
+        ids = ids or ["?"] * len(pairs)
+        s = {}
+        for (x, a, b), rid in zip(pairs, ids):
+            for y in (a, b):
+                if (x, y) not in s:
+                    s[(x, y)] = self.score(x, y, rid)
+        if progress_bar is not None:
+            progress_bar.update(len(pairs))
+        return np.array([s[(x, a)] - s[(x, b)] for x, a, b in pairs], dtype=np.float64)

@@ -1,5 +1,6 @@
 """Stage 2 of SPPO: the KxK head-to-head preference matrix of each prompt's responses, by PairRM (or another
-preference model: a reward model or an LLM judge, --ranker-kind; preference.py, docs/preference-models.md).
+preference model: a reward model, an LLM judge or a Python function, --ranker-kind; preference.py,
+docs/preference-models.md).
 
     python rank.py --in runs/tiny/iter1/generated.jsonl --out runs/tiny/iter1/ranked.jsonl --ranker runs/tiny/world/ranker
     # one process per GPU, each on its own shard; `cat` the outputs afterwards:
@@ -18,8 +19,9 @@ probability from both orders of the pair. --prob-mode bt: the released code's Br
 P_ij = sigmoid(s_i - s_j), s_i = mean_j (M_ij - M_ji), which depends on the other candidates.
 
 Another kind gives its own logits M through the same both-orders formula: a reward model M_ij = r_i - r_j (so
-P_ij = sigmoid(r_i - r_j), and mean_j M_ij = r_i - mean(r), the centred reward); an LLM judge M_ij =
-log p(A) - log p(B) asked with y_i as answer A. --prob-mode bt is PairRM's release formula and PairRM's only.
+P_ij = sigmoid(r_i - r_j), and mean_j M_ij = r_i - mean(r), the centred reward); a function likewise with its
+score s, M_ij = s_i - s_j; an LLM judge M_ij = log p(A) - log p(B) asked with y_i as answer A. --prob-mode bt is
+PairRM's release formula and PairRM's only.
 
 PairRM reads the plain prompt as its source. --source-template MODEL gives it what the released code gives
 it instead: the prompt through MODEL's chat template, cut before the answer (release_source).
@@ -133,9 +135,11 @@ def parser():
     ap.add_argument("--in", dest="inp", required=True, help="generate.py's output JSONL")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ranker", default="llm-blender/PairRM-hf", help="the preference model: hub id or local "
-                    "directory of PairRM, a reward model or an instruct LLM as judge")
+                    "directory of PairRM, a reward model or an instruct LLM as judge; or a Python function "
+                    "FILE.py:NAME or package.module:NAME, NAME(prompt, response) -> score")
     ap.add_argument("--ranker-kind", choices=("auto",) + KINDS, default="auto",
-                    help="pairrm, reward or judge (default: read from its config.json)")
+                    help="pairrm, reward, judge or function (default: function for WHERE:NAME, else read from its "
+                    "config.json)")
     ap.add_argument("--judge-template", default=JUDGE_TEMPLATE, help="a judge's prompt, with {prompt}, {first} and "
                     "{second} (default: configs/judge-prompt.txt)")
     ap.add_argument("--prob-mode", choices=list(PROB_MODES), default="pairwise", help="bt: PairRM only")
@@ -210,7 +214,7 @@ def main():
         for start in range(0, len(todo), args.write_every):
             part = todo[start:start + args.write_every]
             pairs = [(source[r["id"]], r["responses"][i], r["responses"][j]) for _, r in part for i, j in cells]
-            flat = ranker.pair_logits(pairs, bar)
+            flat = ranker.pair_logits(pairs, bar, ids=[r["id"] for _, r in part for _ in cells])
             out = []
             for p, (n, r) in enumerate(part):
                 M = np.zeros((k, k))

@@ -283,7 +283,10 @@ def sequence_logps(model, input_ids, mask, labels, autocast=contextlib.nullconte
     FSDP2: lm_head's weight is read after the model's forward has returned. The model is FSDP's root, whose
     forward gathers the root's parameters (embeddings, final norm, lm_head); by FSDP2's default the root
     keeps them gathered until its backward has reduced their gradients, so this is the full weight, and its
-    gradient reaches FSDP as lm_head's own would.
+    gradient reaches FSDP as lm_head's own would. FSDP2 warns that the root "returned a view tensor": that is
+    hidden_states[0], the first layer's input as FSDP's pre-forward hook hands it on (a view its autograd
+    function makes); only hidden_states[-1] is read here and nothing writes into either, and
+    tests/test_logps.py's FSDP test finds 2 processes' gradients equal to 1 process's, tied embeddings included.
     """
     import torch
     from logps import token_logps

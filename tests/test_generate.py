@@ -82,6 +82,32 @@ def test_vllm_start_failure_is_one_line(world, tmp_path, flag):
     assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
 
 
+def test_vllm_cpu_prompts_over_the_step_budget(world, tmp_path):
+    """Prompts whose tokens together exceed vLLM's per-step budget on a CPU (max_num_batched_tokens, 4096 there):
+    a chunked prefill would split one of them across steps and rewind its seeded generator, which a CPU generator
+    cannot do ("CPU Generator does not use offset"). generate.py runs them, and each prompt's samples equal those
+    of calls of one prompt at a time (--write-every 1: ~420 tokens, under the budget), so whole prefills change
+    nothing the policy samples. (The K samples of one prompt share its prefill through vLLM's prefix cache: it is
+    the distinct prompts' tokens that must exceed the budget.)"""
+    require_vllm()
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA generators rewind; the CPU engine is the one that cannot")
+    texts = [r["prompt"] for r in read_jsonl(world / "prompts.jsonl")]
+    # ~420 tokens each in the tiny tokenizer (its context is 512); 12 prompts = ~5,000 prompt tokens
+    write_jsonl(tmp_path / "long.jsonl", [{"id": f"long{i}", "prompt": " ".join((texts[i:] + texts)[:64])}
+                                          for i in range(12)])
+
+    def run(name, *extra):
+        run_stage(GEN, "--model", world / "policy", "--prompts", tmp_path / "long.jsonl", "--out", tmp_path / name,
+                  "--engine", "vllm", "--k", 2, "--max-tokens", 8, "--kv-cache-gb", 0.1, *extra)
+        return read_jsonl(tmp_path / name)
+    whole = run("whole.jsonl")
+    lengths = [len(r["prompt_token_ids"]) for r in whole]
+    assert sum(lengths) > 4096 and max(lengths) < 512 - 8, lengths  # the step budget is exceeded: a split
+    assert run("one.jsonl", "--write-every", 1) == whole
+
+
 def test_release_seed_mode(world, tmp_path):
     gen(world, tmp_path / "r.jsonl", "--seed-mode", "release")
     recs = read_jsonl(tmp_path / "r.jsonl")

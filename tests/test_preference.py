@@ -132,6 +132,120 @@ def test_evaluate_with_a_reward_model(world, reward_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# a Python function
+
+RULE = """
+import math
+
+def words_minus_questions(prompt, response):
+    return len(response.split()) / 4 - prompt.count("?")
+
+def halved(prompt, response):
+    return words_minus_questions(prompt, response) / 2
+"""
+
+
+def rule_score(prompt, response):
+    """RULE's words_minus_questions, written again: the expected scores do not come from the file under test."""
+    return len(response.split()) / 4 - prompt.count("?")
+
+
+def test_function_probabilities_are_the_sigmoid_of_score_differences(world, tmp_path):
+    (tmp_path / "rule.py").write_text(RULE)
+    records = make_records(world, 3, 3, seed=3)
+    write_jsonl(tmp_path / "gen.jsonl", records)
+    p = rank(tmp_path / "gen.jsonl", tmp_path / "ranked.jsonl", f"{tmp_path / 'rule.py'}:words_minus_questions")
+    assert "function ranker" in p.stderr  # WHERE:NAME needs no --ranker-kind
+    for rec in read_jsonl(tmp_path / "ranked.jsonl"):
+        s = np.array([rule_score(rec["prompt"], y) for y in rec["responses"]])
+        assert np.ptp(s) > 0.2, "the scores differ, so the check below means something"
+        # float64 throughout: s_i - s_j exact to ~1e-15, and sigmoid's slope is at most 1/4
+        np.testing.assert_allclose(rec["logits"], s[:, None] - s[None, :], atol=1e-12)
+        np.testing.assert_allclose(rec["probs"], 1 / (1 + np.exp(-(s[:, None] - s[None, :]))), atol=1e-12)
+        assert_proper(rec["probs"])
+        assert rec["rank"]["ranker_kind"] == "function"
+    # package.module:NAME, imported from PYTHONPATH; another function of the same file halves every logit
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "rules.py").write_text(RULE)
+    run_stage("rank.py", "--in", tmp_path / "gen.jsonl", "--out", tmp_path / "halved.jsonl", "--ranker",
+              "pkg.rules:halved", "--ranker-kind", "function", env={"PYTHONPATH": str(tmp_path)})
+    for a, b in zip(read_jsonl(tmp_path / "ranked.jsonl"), read_jsonl(tmp_path / "halved.jsonl")):
+        np.testing.assert_allclose(np.array(b["logits"]) * 2, a["logits"], atol=1e-12)
+
+
+def test_evaluate_with_a_function(world, tmp_path):
+    """A model against reference outputs, judged by a function: each outcome is sigmoid(s_model - s_ref)."""
+    (tmp_path / "rule.py").write_text(RULE)
+    prompts = [r["prompt"] for r in read_jsonl(world / "eval_prompts.jsonl")[:4]]
+    ref = [{"instruction": x, "output": "A short reference answer of seven words.", "generator": "ref"}
+           for x in prompts]
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    out = tmp_path / "eval"
+    run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--reference-outputs", tmp_path / "ref.json",
+              "--ranker", f"{tmp_path / 'rule.py'}:words_minus_questions", "--out", out, "--engine", "hf",
+              "--max-tokens", 16)
+    res = json.loads((out / "results.json").read_text())
+    assert res["ranker_kind"] == "function" and "(preference function)" in (out / "results.md").read_text()
+    mine = {r["prompt"]: r["responses"][0] for r in read_jsonl(out / "outputs" / "base.jsonl")}
+    expected = [0.5 if mine[x] == o["output"] else sigmoid(rule_score(x, mine[x]) - rule_score(x, o["output"]))
+                for x, o in zip(prompts, ref)]
+    assert res["models"]["base"]["win_rate"] == pytest.approx(np.mean(expected), abs=1e-9)
+
+
+BAD_FUNCTIONS = {  # name: (file text or None for no file, function, what the error line says)
+    "missing file": (None, "score", "no such file"),
+    "missing function": (RULE, "scores", "has no function scores"),
+    "not a function": (RULE + "scores = 3\n", "scores", "has no function scores (scores is a int)"),
+    "syntax error": ("def score(prompt, response)\n    return 1\n", "score", ":1: syntax error"),
+    "import error": ("raise RuntimeError('no rules today')\n", "score", "raised RuntimeError: no rules today"),
+    "exception": ("def score(prompt, response):\n    return 1 / ('1' not in prompt)\n", "score",
+                  "score() on prompt id '{nan}' raised ZeroDivisionError: division by zero"),
+    "nan": ("def score(prompt, response):\n    return float('nan') if '1' in prompt else 0.0\n", "score",
+            "score() on prompt id '{nan}' returned nan, not a finite number"),
+    "infinite": ("def score(prompt, response):\n    return float('inf')\n", "score",
+                 "score() on prompt id 'r000' returned inf, not a finite number"),
+    "not a number": ("def score(prompt, response):\n    return '0.5'\n", "score",
+                     "score() on prompt id 'r000' returned '0.5', not a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FUNCTIONS))
+def test_bad_function_is_one_line(case, world, tmp_path):
+    """Each way a function can fail: exit 2, one line naming the file, the function and (once scoring) the prompt
+    id, and no output."""
+    text, name, says = BAD_FUNCTIONS[case]
+    if text is not None:
+        (tmp_path / "rule.py").write_text(text)
+    records = make_records(world, 3, 2)
+    records[1]["prompt"] += " 1"  # only this prompt (id r001) gets the NaN, or the exception
+    records[0]["prompt"] = records[0]["prompt"].replace("1", "")
+    records[2]["prompt"] = records[2]["prompt"].replace("1", "")
+    write_jsonl(tmp_path / "gen.jsonl", records)
+    spec = f"{tmp_path / 'rule.py'}:{name}"
+    for stage in ("rank", "evaluate"):
+        out = tmp_path / f"{stage}.out"
+        if stage == "rank":
+            p = rank(tmp_path / "gen.jsonl", out, spec, check=False)
+        else:  # against reference outputs unlike the policy's answers (identical answers tie without asking)
+            write_jsonl(tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in records])
+            (tmp_path / "ref.json").write_text(json.dumps([{"instruction": r["prompt"], "output": "Reference."}
+                                                           for r in records]))
+            p = run_stage("evaluate.py", "--models", f"base={world / 'policy'}", "--prompts",
+                          tmp_path / "prompts.jsonl", "--reference-outputs", tmp_path / "ref.json", "--ranker", spec, "--out", out, "--engine",
+                          "hf", "--max-tokens", 8, "--report-to", "none", check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert lines[-1].startswith("error: --ranker ") and str(tmp_path / "rule.py") in lines[-1], lines[-1]
+        assert says.format(nan="r001") in lines[-1] and "Traceback" not in p.stderr, lines[-1]
+        assert sum(line.startswith("error") for line in lines) == 1
+        if stage == "rank":
+            assert not out.exists() and not os.path.exists(f"{out}.partial")
+        else:
+            assert not (out / "results.json").exists() and not list((out / "judgments").glob("*.jsonl"))
+
+
+# -----------------------------------------------------------------------------
 # an LLM judge
 
 def hf_judge_logits(path, template, pairs):
