@@ -1,7 +1,7 @@
 r"""Stage 1 of SPPO: sample K responses per prompt from the current policy.
 
     python generate.py --model runs/tiny/world/policy --prompts runs/tiny/world/prompts.jsonl --out gen.jsonl
-    # one process per GPU, each on its own shard; `cat` the outputs afterwards:
+    # one process per GPU, each on its own shard; merge them in prompt order afterwards (common.merge_shards):
     CUDA_VISIBLE_DEVICES=3 python generate.py --model mistralai/Mistral-7B-Instruct-v0.2 \
         --prompts UCLA-AGI/data-mistral-7b-instruct-sppo-iter1 --out gen.3.jsonl --shard 3/8
 

@@ -109,6 +109,7 @@ def test_shards_over_every_gpu_of_every_node_with_tp_gpus_per_engine(tmp_path, n
     assert train["devices"] == ",".join(VISIBLE)
     assert args[args.index("--nproc_per_node") + 1] == "8"
     assert f"--nodes={n_nodes}" in train["srun"].split() and f"--ntasks={n_nodes}" in train["srun"].split()
+    assert "--kill-on-bad-exit=1" in train["srun"].split()  # a failed node ends the step, not the group's timeout
     assert args[args.index("--nnodes") + 1] == str(n_nodes)
     assert args[args.index("--rdzv-backend") + 1] == "c10d"
     assert args[args.index("--rdzv-endpoint") + 1].split(":")[0] == "10.0.0.1"
