@@ -797,9 +797,10 @@ def parser():
     ap.add_argument("--dist-timeout-minutes", type=float, default=60, help="under torchrun: how long a process "
                     "waits for the others in a collective (rank 0 alone loads and saves the checkpoint meanwhile; "
                     "torch's NCCL default, 10, is too short for a 7B save on a slow filesystem)")
-    ap.add_argument("--attn-implementation", default=None, help="passed to from_pretrained: eager, sdpa, "
-                    "flash_attention_2 (default: transformers' choice). Gemma-2 needs eager: the others skip its "
-                    "attention-logit soft-capping")
+    ap.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa"], help="passed to "
+                    "from_pretrained (default: transformers' choice: sdpa where the model has it). Gemma-2 needs eager: sdpa skips its "
+                    "attention-logit soft-capping. (flash_attention_2 is not offered: it needs the flash-attn "
+                    "package, built for the exact torch and CUDA, which requirements/cuda.txt does not install)")
     # long runs
     ap.add_argument("--save-every", type=int, default=50, help="optimizer steps between training states "
                     "(OUT.state/, sharded with torch.distributed.checkpoint) that a rerun resumes from; 0: none. The "
@@ -1001,5 +1002,13 @@ def main():
               f"tokens/s), peak memory {peak / 2**30:.2f} GB ({run.memory_kind}) -> {args.out}")
 
 
+def allocator_defaults(environ):
+    """Expandable segments unless the user configured torch's CUDA allocator: micro-batches of varying width
+    otherwise fragment its cache until a step that fits runs out of memory. Before torch starts CUDA."""
+    if "PYTORCH_ALLOC_CONF" not in environ and "PYTORCH_CUDA_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 if __name__ == "__main__":
+    allocator_defaults(os.environ)
     main_guard(main)

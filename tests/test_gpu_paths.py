@@ -147,3 +147,40 @@ def test_a_vllm_start_failure_not_about_memory_is_not_blamed_on_memory(world, tm
 def test_which_start_errors_are_about_memory(message, memory):
     from generate import is_memory_error
     assert is_memory_error(message) is memory
+
+
+# -----------------------------------------------------------------------------
+# train_sppo.py and CUDA
+
+# train_sppo.py run as __main__ with --help (it exits before any work): what its process environment then says.
+ALLOC_SPY = """import os, runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("PYTORCH_ALLOC_CONF"), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("user, want", [
+    ({}, "expandable_segments:True None"),  # variable-width micro-batches: expandable segments by default
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, "max_split_size_mb:512 None"),  # the user's, kept
+    ({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}, "None backend:cudaMallocAsync"),  # torch's newer name
+])
+def test_training_asks_for_expandable_segments_unless_the_user_configured_the_allocator(user, want):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    p = subprocess.run([sys.executable, "-c", ALLOC_SPY, os.path.join(ROOT, "train_sppo.py")], env=env | user,
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == want
+
+
+def test_flash_attention_is_not_offered_without_its_package(tmp_path):
+    """requirements/cuda.txt installs no flash-attn, so transformers would fail at load, after the data is read:
+    the flag refuses it at once."""
+    p = run_stage("train_sppo.py", "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o",
+                  "--attn-implementation", "flash_attention_2", check=False)
+    assert p.returncode == 2 and "invalid choice: 'flash_attention_2'" in p.stderr
+    assert "flash-attn" not in open(os.path.join(ROOT, "requirements", "cuda.txt")).read()
