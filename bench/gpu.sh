@@ -79,6 +79,13 @@ if not r['complete']:
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } > "$OUT/device.txt"
 echo "device: $(cat "$OUT/device.txt")"
+# Every part is a one-GPU measurement: on a box with several GPUs each sees only the first (of the user's
+# CUDA_VISIBLE_DEVICES, else GPU 0). Seeing all eight, transformers' Trainer would wrap TRL's baseline in
+# DataParallel over them: 8x our global batch, its memory read on GPU 0 only.
+if [ "$(cat "$OUT/device.txt")" != "no GPU" ]; then
+    ONE_GPU=${CUDA_VISIBLE_DEVICES:-0}; export CUDA_VISIBLE_DEVICES=${ONE_GPU%%,*}
+    echo "one GPU per part: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
+fi
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 has rank && part rank "$RANK_S" "$OUT/rank.json" "$PY" bench/bench_rank.py --ranker "$RANKER" --device "$DEV" \
