@@ -616,7 +616,13 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
     save_dtype = getattr(torch, str(getattr(AutoConfig.from_pretrained(args.model), "dtype", None) or "float32")
                          .replace("torch.", ""))
     tied = tied_names(model)  # save a tied weight once
-    model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items() if k not in tied})
+    weights = {}
+    for k in list(state):  # cast tensor by tensor, letting each gathered fp32 tensor go as its copy is made: the host
+        v = state.pop(k)   # holds one full copy at most (a 70B's rank 0: 282 GB in fp32, not that plus 141 in bf16)
+        if k not in tied:
+            weights[k] = v.to(save_dtype)
+    del v
+    model.save_pretrained(tmp, state_dict=weights)
     fault_point("checkpoint-weights")
     model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
     model.config.use_cache = True
