@@ -46,6 +46,11 @@ if [ -n "${SLURM_JOB_ID-}" ] && [ "${SLURM:-1}" != 0 ]; then
     mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     (( ${#NODES[@]} )) || { echo "run_loop: SLURM job $SLURM_JOB_ID: no nodes in SLURM_JOB_NODELIST" >&2; exit 2; }
 fi
+# A job given GPUs by SLURM (--gres=gpu:N, --gpus-per-node) has SLURM place them: each job step asks for its own
+# GPUs and CPUs (--exact) and sees only those, numbered from 0. Without (a cluster that does not manage its GPUs
+# as resources, or a CPU one) the steps overlap and the loop pins each to its devices itself.
+SLURM_GPUS=0
+if (( ${#NODES[@]} && GPUS > 0 )) && [ -n "${SLURM_JOB_GPUS-}${SLURM_GPUS_ON_NODE-}" ]; then SLURM_GPUS=1; fi
 
 # --- settings guard: a run directory holds one experiment; changing a setting needs a new OUT
 SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEED_MODE PROB_MODE ETA LR EPOCHS
@@ -105,9 +110,11 @@ shard_launcher() {
     LAUNCH=()
     if (( ${#NODES[@]} )); then
         node=${NODES[s / per_node]}
-        LAUNCH=(srun --nodes=1 --ntasks=1 --nodelist="$node" --overlap --input=none --quiet)
+        LAUNCH=(srun --nodes=1 --ntasks=1 --nodelist="$node" $(step_resources "$w" "$per_node") --input=none --quiet)
     fi
-    if (( GPUS > 0 )); then
+    if (( SLURM_GPUS )); then  # SLURM sets the step's CUDA_VISIBLE_DEVICES; the cache is the node's s-th slot's
+        LAUNCH+=(env VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/$node-slot-$(( s % per_node ))}")
+    elif (( GPUS > 0 )); then
         devices=$(IFS=,; echo "${DEVICES[*]:(s % per_node) * w:w}")
         LAUNCH+=(env CUDA_VISIBLE_DEVICES="$devices"
                  VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm/${node:+$node-}device-$devices}")
@@ -177,23 +184,36 @@ SHARD_PIDS=()
 trap 'stop_shards; exit 143' TERM
 trap 'stop_shards; exit 130' INT
 
+# step_resources W K: srun's options for one of K steps side by side on a node, W GPUs each: with SLURM_GPUS its
+# own W GPUs and 1/K of the node's CPUs (--exact: only those); otherwise the steps share the node (--overlap).
+step_resources() {
+    if (( SLURM_GPUS )); then echo "--exact --gres=gpu:$1 --cpus-per-task=$(( ${SLURM_CPUS_ON_NODE:-$2} / $2 ))"
+    else echo --overlap; fi
+}
+
 # train_launcher: how training starts (in LAUNCH): one process on the CPU or one GPU; torchrun's GPUS processes
 # on one machine; under SLURM one torchrun per node (srun), GPUS processes each, meeting at the first node (c10d).
 # Every process takes its share of one global batch, so the losses do not depend on how many there are.
 train_launcher() {
     LAUNCH=()
-    if (( GPUS > 0 )); then LAUNCH=(env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES"); fi
+    if (( GPUS > 0 && ! SLURM_GPUS )); then LAUNCH=(env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES"); fi
     if (( ${#NODES[@]} )); then
         local addr port=${RDZV_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
-        addr=$(scontrol show node "${NODES[0]}" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+        addr=$(node_addr "${NODES[0]}")
         # --kill-on-bad-exit: a node whose torchrun fails ends the step at once, rather than the others waiting out
-        # the process group's timeout (60 minutes; 180 for the 70B config)
-        LAUNCH=(srun --nodes="${#NODES[@]}" --ntasks="${#NODES[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1 --overlap --input=none --quiet
+        # the process group's timeout (60 minutes; 180 for the 70B config). Each torchrun advertises its node's
+        # address (PET_LOCAL_ADDR is its --local-addr): its host name may resolve to 127.0.1.1 on its own node.
+        LAUNCH=(srun --nodes="${#NODES[@]}" --ntasks="${#NODES[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1
+                $(step_resources "$GPUS" 1) --input=none --quiet
+                bash -c "$(declare -f node_addr); "'export PET_LOCAL_ADDR=$(node_addr "$SLURMD_NODENAME"); exec "$@"' local-addr
                 "${LAUNCH[@]}" "$PYTHON" -m torch.distributed.run --nnodes "${#NODES[@]}" --nproc_per_node "$NPROC"
                 --rdzv-backend c10d --rdzv-endpoint "${addr:-${NODES[0]}}:$port" --rdzv-id "sppo-$SLURM_JOB_ID-$t")
     elif (( GPUS > 1 )); then LAUNCH+=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS")
     else LAUNCH+=("$PYTHON"); fi
 }
+
+# node_addr NODE: the address SLURM reaches NODE at (its NodeAddr), else its name.
+node_addr() { local a; a=$(scontrol show node "$1" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2); echo "${a:-$1}"; }
 
 model=$MODEL
 for ((t = 1; t <= ITERS; t++)); do
