@@ -14,8 +14,8 @@ stopped on it (not where --max-tokens cut it). train_sppo.py trains on these ids
 not give them back (a decoded space, or an answer that merges with the template's last token, changes the ids).
 
 Seeds. --seed-mode prompt (default): each prompt samples from its own stream, seeded by hash(seed, id), so
-a response depends only on its prompt and the seed, never on batching, sharding or resuming, and no two
-prompts share a stream. --seed-mode release: the released SPPO code's scheme, one pass per sample index p
+a response depends only on its prompt and the seed, never on batching, sharding or resuming (on a GPU, in vLLM's
+batch-invariant mode only: run_loop.sh's BATCH_INVARIANT=1), and no two prompts share a stream. --seed-mode release: the released SPPO code's scheme, one pass per sample index p
 with seed + 50*p for every prompt (in vLLM, prompts with equal seeds then draw correlated samples).
 """
 import argparse

@@ -39,6 +39,14 @@ TRAIN_DEVICES=$(IFS=,; echo "${DEVICES[*]}")
 TP=${TP:-1}
 if (( TP > 1 && (GPUS == 0 || GPUS % TP) )); then echo "run_loop: TP=$TP needs GPUS a multiple of it (GPUS=$GPUS)" >&2; exit 2; fi
 TP_ARGS=(); if (( TP > 1 )); then TP_ARGS=(--tensor-parallel-size "$TP"); fi
+# BATCH_INVARIANT=1: vLLM's batch-invariant mode in generation (VLLM_BATCH_INVARIANT=1), so that on a GPU a response
+# depends only on its prompt and seed, not on the batch it was sampled in (docs/hardware.md); slower decoding.
+BATCH_INVARIANT=${BATCH_INVARIANT:-0}
+case $BATCH_INVARIANT in
+    0) GEN_ENV=() ;;
+    1) GEN_ENV=(env VLLM_BATCH_INVARIANT=1) ;;
+    *) echo "run_loop: BATCH_INVARIANT=$BATCH_INVARIANT: expected 0 or 1" >&2; exit 2 ;;
+esac
 # Inside a SLURM allocation (sbatch, salloc) every stage runs on all its nodes, GPUS per node, started with
 # srun (docs/cluster.md); the nodes must share OUT's filesystem. Outside one, NODES is empty: one machine.
 NODES=()
@@ -57,6 +65,7 @@ SETTINGS="MODEL RANKER PROMPTS N_PROMPTS K TEMPERATURE TOP_P MAX_TOKENS SEED SEE
           BATCH MICRO_BATCH OPTIMIZER WARMUP MAX_LENGTH MAX_PROMPT_LENGTH SELECT TRAIN_SEED GEN_ARGS RANK_ARGS TRAIN_ARGS"
 LOSS=${LOSS:-sppo}
 [ "$LOSS" = sppo ] || SETTINGS="$SETTINGS LOSS"   # runs made before --loss existed were all sppo
+[ "$BATCH_INVARIANT" = 0 ] || SETTINGS="$SETTINGS BATCH_INVARIANT"   # (likewise: runs made before it had it off)
 mkdir -p "$OUT"
 # One loop per OUT: the lock is held by this shell and inherited by its stages, so a second loop started
 # while this one (or a stage orphaned by killing this shell alone) still runs is refused.
@@ -224,7 +233,7 @@ for ((t = 1; t <= ITERS; t++)); do
 
     # 1. y_1..y_K ~ pi_t(.|x) for every prompt x
     sharded generate "$dir/generated.jsonl" "$TP" "$prompts" \
-        "$PYTHON" generate.py --model "$model" --prompts "$prompts" ${N_PROMPTS:+--limit "$N_PROMPTS"} \
+        "${GEN_ENV[@]}" "$PYTHON" generate.py --model "$model" --prompts "$prompts" ${N_PROMPTS:+--limit "$N_PROMPTS"} \
         --k "$K" --temperature "$TEMPERATURE" --top-p "$TOP_P" --max-tokens "$MAX_TOKENS" \
         --seed "$SEED" --seed-mode "$SEED_MODE" "${TP_ARGS[@]}" ${GEN_ARGS-}
 

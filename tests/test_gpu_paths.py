@@ -70,6 +70,22 @@ def test_more_gpus_than_visible_devices_is_refused(tmp_path, visible):
         in p.stderr
 
 
+def test_batch_invariant_asks_vllm_for_it_in_generation_only_and_is_a_setting(tmp_path):
+    p, calls = spy_loop(tmp_path, GPUS="2", BATCH_INVARIANT="1")
+    assert p.returncode == 0, p.stderr
+    assert [c["batch_invariant"] for c in by_stage(calls, "generate.py")] == ["1", "1"]
+    assert {c["batch_invariant"] for c in by_stage(calls, "rank.py") + by_stage(calls, "train_sppo.py")} == {None}
+    p, _ = spy_loop(tmp_path, GPUS="2")  # the same OUT without it: other samples on a GPU, so refused
+    assert p.returncode == 2 and "was made with BATCH_INVARIANT='1'" in p.stderr
+
+
+def test_without_batch_invariant_vllm_is_not_asked(tmp_path):
+    p, calls = spy_loop(tmp_path, GPUS="2")
+    assert p.returncode == 0, p.stderr
+    assert {c["batch_invariant"] for c in calls} == {None}
+    assert "BATCH_INVARIANT" not in (tmp_path / "run" / "settings.txt").read_text()  # runs made before it: unchanged
+
+
 def test_the_cpu_loop_sets_no_devices(tmp_path):
     p, calls = spy_loop(tmp_path, GPUS="0")
     assert p.returncode == 0, p.stderr

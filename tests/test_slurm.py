@@ -23,7 +23,8 @@ if args[:1] == ["common.py"]:
 with open(os.environ["SPY_LOG"], "a") as f:
     f.write(json.dumps({{"args": args, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                         "cache": os.environ.get("VLLM_CACHE_ROOT"), "srun": os.environ.get("SPY_SRUN"),
-                        "local_addr": os.environ.get("PET_LOCAL_ADDR")}}) + "\\n")
+                        "local_addr": os.environ.get("PET_LOCAL_ADDR"),
+                        "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT")}}) + "\\n")
 out = args[args.index("--out") + 1]
 if any(a.endswith("train_sppo.py") for a in args):
     os.makedirs(out)
