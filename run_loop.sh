@@ -70,8 +70,9 @@ mkdir -p "$OUT"
 # One loop per OUT: the lock is held by this shell and inherited by its stages, so a second loop started
 # while this one (or a stage orphaned by killing this shell alone) still runs is refused.
 exec 9>> "$OUT/.lock"
-if ! lock_error=$(flock -n -E 75 9 2>&1); then  # (the lock belongs to fd 9's open file, so it outlives the $(...))
-    case $? in
+lock_rc=0; lock_error=$(flock -n -E 75 9 2>&1) || lock_rc=$?  # (the lock belongs to fd 9's open file: it outlives $(...))
+if (( lock_rc )); then
+    case $lock_rc in
         75) echo "run_loop: another run is using $OUT (a loop or one of its stages); stop it first" >&2 ;;
         *) echo "run_loop: cannot lock $OUT/.lock ($lock_error): its filesystem may not support locks (Lustre" \
                 "mounted without -o flock, some NFS setups); put OUT on one that does" >&2 ;;
