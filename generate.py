@@ -145,7 +145,7 @@ def hf_engine(args, tok):
         transformers' default top_k=50 would make the HF engine sample a different distribution from vLLM.)"""
 
         def __init__(self, seeds):
-            self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+            self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]  # on the GPU: no host draws
 
         def __call__(self, input_ids, scores):
             if args.temperature == 0:
@@ -156,7 +156,7 @@ def hf_engine(args, tok):
                 before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
                 drop = (before >= args.top_p).scatter(-1, order, before >= args.top_p)
                 logp = logp.masked_fill(drop, -float("inf"))
-            u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens]).to(scores.device)
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.gens])
             return logp - torch.log(-torch.log(u.clamp_min(1e-20)))
 
     @torch.no_grad()

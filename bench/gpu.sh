@@ -17,6 +17,7 @@
 # 3. generation: generate.py's vLLM engine vs its HF engine, both in bf16, a random Llama-3.2-1B-shaped policy (its
 #    128,256 vocabulary, the tokenizer padded to match), 64 prompts x K=5, 128 new tokens; then on the started
 #    vLLM engine our per-request seeds against unseeded sampling, same rows (one vLLM start, ~60-100 s cold).
+# Every part runs on one GPU (the first visible): FSDP2 across several GPUs is not measured here.
 # To fit 450 s: one rank.py sweep point in two (32, 128 rows), 32 training pairs, 128 generated tokens, one vLLM
 # start. The parts' order is the order of what matters most: a part cut by its limit leaves what it measured.
 #
