@@ -203,6 +203,36 @@ def take_shard(records, shard):
     return records[i::n]
 
 
+def merge_shards(out, order, paths):
+    """Write the records of the shard outputs `paths` to OUT in the order of the records in `order` (the stage's
+    input: a prompts file or hub dataset, or the previous stage's output), atomically. A shard's output keeps its
+    input's order but may lack records (generate.py skips prompts longer than the context), so shard 0's records,
+    then shard 1's, or taking them in turn, would make the order, and the batches training draws from it, depend
+    on the number of shards."""
+    lines = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    lines.append((field(path, n, json.loads(line), "id", (str, int)), path, n, line))
+    if lines:  # (an empty merge reads no input)
+        rank = {r["id"]: i for i, r in enumerate(load_prompts(order))}
+        seen = {}
+        for rid, path, n, _ in lines:
+            if str(rid) not in rank:
+                raise InputError(f"{path}:{n}: field 'id' has '{rid}', which {order} does not have")
+            if str(rid) in seen:
+                raise InputError(f"{path}:{n}: field 'id' repeats '{rid}' from {seen[str(rid)]}")
+            seen[str(rid)] = f"{path}:{n}"
+        lines.sort(key=lambda x: rank[str(x[0])])
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(line for *_, line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
 # -----------------------------------------------------------------------------
 # resumable atomic output
 
@@ -582,7 +612,9 @@ def open_reporter(kind, logdir, name, config, purge_step=None):
 
 
 if __name__ == "__main__":  # run_loop.sh: python common.py check-run-settings OUT/settings.txt NAME=VALUE ...
-    if sys.argv[1:2] == ["check-run-settings"] and len(sys.argv) > 2:
+    if sys.argv[1:2] == ["check-run-settings"] and len(sys.argv) > 2:  # and: merge-shards OUT ORDER SHARD...
         main_guard(lambda: check_run_settings(sys.argv[2], sys.argv[3:]))
+    elif sys.argv[1:2] == ["merge-shards"] and len(sys.argv) > 3:
+        main_guard(lambda: merge_shards(sys.argv[2], sys.argv[3], sys.argv[4:]))
     else:
-        fail("usage: python common.py check-run-settings FILE NAME=VALUE ...")
+        fail("usage: python common.py check-run-settings FILE NAME=VALUE ... | merge-shards OUT ORDER SHARD ...")

@@ -1,7 +1,7 @@
 r"""Stage 1 of SPPO: sample K responses per prompt from the current policy.
 
     python generate.py --model runs/tiny/world/policy --prompts runs/tiny/world/prompts.jsonl --out gen.jsonl
-    # one process per GPU, each on its own shard; `cat` the outputs afterwards:
+    # one process per GPU, each on its own shard; merge them in prompt order afterwards (common.merge_shards):
     CUDA_VISIBLE_DEVICES=3 python generate.py --model mistralai/Mistral-7B-Instruct-v0.2 \
         --prompts UCLA-AGI/data-mistral-7b-instruct-sppo-iter1 --out gen.3.jsonl --shard 3/8
 
@@ -14,8 +14,8 @@ stopped on it (not where --max-tokens cut it). train_sppo.py trains on these ids
 not give them back (a decoded space, or an answer that merges with the template's last token, changes the ids).
 
 Seeds. --seed-mode prompt (default): each prompt samples from its own stream, seeded by hash(seed, id), so
-a response depends only on its prompt and the seed, never on batching, sharding or resuming, and no two
-prompts share a stream. --seed-mode release: the released SPPO code's scheme, one pass per sample index p
+a response depends only on its prompt and the seed, never on batching, sharding or resuming (on a GPU, in vLLM's
+batch-invariant mode only: run_loop.sh's BATCH_INVARIANT=1), and no two prompts share a stream. --seed-mode release: the released SPPO code's scheme, one pass per sample index p
 with seed + 50*p for every prompt (in vLLM, prompts with equal seeds then draw correlated samples).
 """
 import argparse
@@ -150,7 +150,7 @@ def hf_engine(args, tok):
         transformers' default top_k=50 would make the HF engine sample a different distribution from vLLM.)"""
 
         def __init__(self, seeds):
-            self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+            self.gens = [torch.Generator(device).manual_seed(s) for s in seeds]  # on the GPU: no host draws
 
         def __call__(self, input_ids, scores):
             if args.temperature == 0:
@@ -161,7 +161,7 @@ def hf_engine(args, tok):
                 before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
                 drop = (before >= args.top_p).scatter(-1, order, before >= args.top_p)
                 logp = logp.masked_fill(drop, -float("inf"))
-            u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens]).to(scores.device)
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.gens])
             return logp - torch.log(-torch.log(u.clamp_min(1e-20)))
 
     @torch.no_grad()

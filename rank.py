@@ -3,7 +3,7 @@ preference model: a reward model, an LLM judge or a Python function, --ranker-ki
 docs/preference-models.md).
 
     python rank.py --in runs/tiny/iter1/generated.jsonl --out runs/tiny/iter1/ranked.jsonl --ranker runs/tiny/world/ranker
-    # one process per GPU, each on its own shard; `cat` the outputs afterwards:
+    # one process per GPU, each on its own shard; merge them in input order afterwards (common.merge_shards):
     CUDA_VISIBLE_DEVICES=3 python rank.py --in gen.jsonl --out ranked.3.jsonl --shard 3/8
 
 Input: generate.py's JSONL {"id", "prompt", "responses": [K strings], ...}. Output: the same records plus

@@ -671,11 +671,14 @@ def save_checkpoint(model, tok, args, run, tmp, meta):
         return
     save_dtype = checkpoint_dtype(args.model)
     tied = tied_names(model)  # save a tied weight once
-    state = {k: v for k, v in state.items() if k not in tied}
+    for k in tied:
+        state.pop(k, None)
     if args.lora_r:  # the adapter alone (PEFT's format), then the merged model: an ordinary checkpoint
         model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state)
-        state, model = merge_lora(state, args.lora_alpha / args.lora_r, save_dtype), model.get_base_model()
-    model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) for k, v in state.items()})
+        weights, model = merge_lora(state, args.lora_alpha / args.lora_r, save_dtype), model.get_base_model()
+    else:  # cast tensor by tensor, letting each gathered fp32 tensor go as its copy is made: the host holds one
+        weights = {k: state.pop(k).to(save_dtype) for k in list(state)}  # full copy at most (a 70B's rank 0: 282 GB)
+    model.save_pretrained(tmp, state_dict=weights)
     fault_point("checkpoint-weights")
     model.config.dtype = str(save_dtype).replace("torch.", "")  # the tensors', not the fp32 master weights'
     model.config.use_cache = True
@@ -864,9 +867,10 @@ def parser():
     ap.add_argument("--dist-timeout-minutes", type=float, default=60, help="under torchrun: how long a process "
                     "waits for the others in a collective (rank 0 alone loads and saves the checkpoint meanwhile; "
                     "torch's NCCL default, 10, is too short for a 7B save on a slow filesystem)")
-    ap.add_argument("--attn-implementation", default=None, help="passed to from_pretrained: eager, sdpa, "
-                    "flash_attention_2 (default: transformers' choice). Gemma-2 needs eager: the others skip its "
-                    "attention-logit soft-capping")
+    ap.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa"], help="passed to "
+                    "from_pretrained (default: transformers' choice: sdpa where the model has it). Gemma-2 needs eager: sdpa skips its "
+                    "attention-logit soft-capping. (flash_attention_2 is not offered: it needs the flash-attn "
+                    "package, built for the exact torch and CUDA, which requirements/cuda.txt does not install)")
     # LoRA (docs/lora.md)
     ap.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank on the frozen model "
                     "and write the merged model (plus OUT/adapter/, PEFT's format); 0: train every weight")
@@ -1080,5 +1084,13 @@ def main():
               f"tokens/s), peak memory {peak / 2**30:.2f} GB ({run.memory_kind}) -> {args.out}")
 
 
+def allocator_defaults(environ):
+    """Expandable segments unless the user configured torch's CUDA allocator: micro-batches of varying width
+    otherwise fragment its cache until a step that fits runs out of memory. Before torch starts CUDA."""
+    if "PYTORCH_ALLOC_CONF" not in environ and "PYTORCH_CUDA_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 if __name__ == "__main__":
+    allocator_defaults(os.environ)
     main_guard(main)

@@ -17,6 +17,7 @@
 # 3. generation: generate.py's vLLM engine vs its HF engine, both in bf16, a random Llama-3.2-1B-shaped policy (its
 #    128,256 vocabulary, the tokenizer padded to match), 64 prompts x K=5, 128 new tokens; then on the started
 #    vLLM engine our per-request seeds against unseeded sampling, same rows (one vLLM start, ~60-100 s cold).
+# Every part runs on one GPU (the first visible): FSDP2 across several GPUs is not measured here.
 # To fit 450 s: one rank.py sweep point in two (32, 128 rows), 32 training pairs, 128 generated tokens, one vLLM
 # start. The parts' order is the order of what matters most: a part cut by its limit leaves what it measured.
 #
@@ -79,6 +80,13 @@ if not r['complete']:
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } > "$OUT/device.txt"
 echo "device: $(cat "$OUT/device.txt")"
+# Every part is a one-GPU measurement: on a box with several GPUs each sees only the first (of the user's
+# CUDA_VISIBLE_DEVICES, else GPU 0). Seeing all eight, transformers' Trainer would wrap TRL's baseline in
+# DataParallel over them: 8x our global batch, its memory read on GPU 0 only.
+if [ "$(cat "$OUT/device.txt")" != "no GPU" ]; then
+    ONE_GPU=${CUDA_VISIBLE_DEVICES:-0}; export CUDA_VISIBLE_DEVICES=${ONE_GPU%%,*}
+    echo "one GPU per part: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
+fi
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 has rank && part rank "$RANK_S" "$OUT/rank.json" "$PY" bench/bench_rank.py --ranker "$RANKER" --device "$DEV" \

