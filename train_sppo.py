@@ -868,9 +868,10 @@ def parser():
                     "waits for the others in a collective (rank 0 alone loads and saves the checkpoint meanwhile; "
                     "torch's NCCL default, 10, is too short for a 7B save on a slow filesystem)")
     ap.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa"], help="passed to "
-                    "from_pretrained (default: transformers' choice: sdpa where the model has it). Gemma-2 needs eager: sdpa skips its "
-                    "attention-logit soft-capping. (flash_attention_2 is not offered: it needs the flash-attn "
-                    "package, built for the exact torch and CUDA, which requirements/cuda.txt does not install)")
+                    "from_pretrained (default: transformers' choice: sdpa where the model has it). Gemma-2 needs "
+                    "eager: sdpa skips its attention-logit soft-capping. (flash_attention_2 is not offered: it needs "
+                    "the flash-attn package, built for the exact torch and CUDA, which requirements/cuda.txt does "
+                    "not install)")
     # LoRA (docs/lora.md)
     ap.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank on the frozen model "
                     "and write the merged model (plus OUT/adapter/, PEFT's format); 0: train every weight")
