@@ -225,12 +225,12 @@ def merge_shards(out, order, paths):
                 raise InputError(f"{path}:{n}: field 'id' repeats '{rid}' from {seen[str(rid)]}")
             seen[str(rid)] = f"{path}:{n}"
         lines.sort(key=lambda x: rank[str(x[0])])
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line for *_, line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    def write(tmp):  # synced before the rename: the merged output is the stage's, which a later stage trusts
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line for *_, line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+    write_atomic(out, write)
 
 
 # -----------------------------------------------------------------------------
@@ -266,8 +266,9 @@ def fault_point(name, before_kill=None):
     complete, not yet renamed), state-shards (train_sppo.py: a training state's shards written in
     OUT.state/step-N.tmp, not its train_state.json, not yet renamed). Unset, it does nothing. STAGE/NAME
     (rank/partial-written) picks the point in one stage only, for a setting a whole loop inherits.
-    before_kill() runs just before the kill. With SPPO_FAULT_PAUSE=FILE the process writes FILE there and waits to be killed instead,
-    so a test can kill the whole loop (as a scheduler would) exactly at the point, however brief it is."""
+    before_kill() runs just before the kill. With SPPO_FAULT_PAUSE=FILE the process writes FILE there and
+    waits to be killed instead, so a test can kill the whole loop (as a scheduler would) exactly at the point,
+    however brief it is."""
     spec = os.environ.get("SPPO_FAULT")
     stage = os.path.splitext(os.path.basename(sys.argv[0]))[0]
     if not spec or spec.partition(":")[0] not in (name, f"{stage}/{name}"):
