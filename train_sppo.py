@@ -561,12 +561,12 @@ def make_optimizer(model, args, total_steps):
     no-grad forward, and a list taken then would hold those views, not the sharded parameters that learn."""
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
-    # One process holds the whole model: torch's default step on a GPU (foreach) makes a temporary the size of the
-    # optimizer state all at once, 4 bytes a parameter, the peak of a one-GPU run (29 GB for a 7B model; BENCHMARKS.md
-    # section 9). One tensor at a time is the same math. (On a CPU that is torch's default; FSDP's shards are 1/N.)
-    one = {"foreach": False} if int(os.environ.get("WORLD_SIZE", 1)) == 1 else {}
-    opt = (torch.optim.RMSprop(params, lr=args.lr, **one) if args.optimizer == "rmsprop"
-           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **one))
+    # One tensor at a time (torch's default on a CPU), in one process as under FSDP: the default on a GPU (foreach)
+    # makes a temporary of the whole (sharded) optimizer state, 4 bytes a parameter / processes, which is the peak
+    # on one GPU (29 GB more for 7B) and for 70B over 16 GPUs (70.6 GB against the forward's 69.2; BENCHMARKS.md
+    # sections 9-10). The same math; the cost is dispatch, ~0.15 ms a tensor, 1-2% of a step (section 10).
+    opt = (torch.optim.RMSprop(params, lr=args.lr, foreach=False) if args.optimizer == "rmsprop"
+           else torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, foreach=False))
     warmup = math.ceil(total_steps * args.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, args.schedule))
     return params, opt, sched

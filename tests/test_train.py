@@ -309,7 +309,8 @@ def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     the same losses and gradient norms, and the same weights written. 16 prompts in batches of 12 leave a
     short second batch whose empty micro-batches the processes must still run. A stale OUT.tmp from an
     interrupted run is cleared. Only rank 0 reads the checkpoint: rank 1 builds its model on the meta device
-    and receives its shards, so the host holds one full copy of the weights."""
+    and receives its shards, so the host holds one full copy of the weights. Each process's optimizer steps one
+    tensor at a time."""
     one, two = tmp_path / "one", tmp_path / "two"
     os.makedirs(str(two) + ".tmp")
     open(str(two) + ".tmp/model.safetensors", "w").write("half-written")
@@ -319,7 +320,10 @@ def test_torchrun_two_processes_equal_one(world, data, tmp_path):
     assert sorted(map(json.dumps, read_jsonl(tmp_path / "spy.jsonl"))) == sorted(map(json.dumps, [
         {"rank": 0, "call": "from_pretrained", "meta": False}, {"rank": 1, "call": "from_config", "meta": True},
         # the process group waits 7 minutes, not torch's default (NCCL 10, gloo 30), for rank 0's load and save
-        *({"rank": r, "call": "init_process_group", "backend": "gloo", "timeout_s": 420.0} for r in (0, 1))]))
+        *({"rank": r, "call": "init_process_group", "backend": "gloo", "timeout_s": 420.0} for r in (0, 1)),
+        # each process steps its shards one tensor at a time, as one process does: torch's default on a GPU
+        # (foreach, None here) would make a temporary of 4 bytes a parameter / processes (BENCHMARKS.md section 10)
+        *({"rank": r, "call": "AdamW", "foreach": [False]} for r in (0, 1))]))
     a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
     assert len(a) == len(b) == 4
     # step 1 runs on the starting weights, so the policy is the reference: every log-ratio is 0 and the loss
@@ -360,7 +364,7 @@ def test_torchrun_bf16_and_gradient_checkpointing_two_processes_equal_one(world,
     process and in 2. Both run under FSDP2's bf16 policy (one process as a group of one): every parameter cast
     to bf16 for the forward and backward, fp32 master weights, gradients reduced and accumulated in fp32. The
     spy sees it in every process: its linear layers compute in bf16, and their forward runs again inside
-    backward (checkpointing).
+    backward (checkpointing); its optimizer steps one tensor at a time.
 
     So the two runs compute the same bf16 gradient of each micro-batch (same weights, same rows, same kernels)
     and differ only in the order fp32 adds them up (4 micro-batches: one process adds 4, two processes add 2
@@ -379,6 +383,9 @@ def test_torchrun_bf16_and_gradient_checkpointing_two_processes_equal_one(world,
         computed = [r for r in read_jsonl(tmp_path / f"{out.name}.spy") if "dtypes" in r]
         assert sorted(r["rank"] for r in computed) == list(range(nproc or 1))
         assert all(r["dtypes"] == ["torch.bfloat16"] and r["in_backward"] > 0 for r in computed), computed
+        # one tensor at a time in 1 process as in 2: no foreach temporary of the whole state (BENCHMARKS.md 9-10)
+        made = [r for r in read_jsonl(tmp_path / f"{out.name}.spy") if r.get("call") == "AdamW"]
+        assert sorted((r["rank"], r["foreach"] == [False]) for r in made) == [(r, True) for r in range(nproc or 1)]
         assert json.load(open(out / "sppo_train.json"))["settings"]["dtype"] == "bf16"
     a, b = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
     # step 1's loss: float64 sums of the same fp32 terms, in another order
