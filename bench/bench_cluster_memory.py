@@ -5,9 +5,10 @@ ran it.
 
     python bench/bench_cluster_memory.py --out bench/results/cluster_memory.json
 
-Under FSDP2 torch's RMSprop steps all of a process's shards at once (foreach): a temporary of 4 bytes a parameter
-/ GPUS, which per_gpu counts; the table also gives it, since stepping one tensor at a time (train_sppo.py does so
-in one process) would save it. Rank 0 alone reads the checkpoint in fp32 (4 bytes a parameter of host memory).
+train_sppo.py's optimizer steps one tensor at a time, so the step's temporary is one shard's. Torch's default on a
+GPU (foreach) would step all of a process's shards at once: a temporary of 4 bytes a parameter / GPUS, alive after
+the activations are freed; the JSON also gives that temporary and the peak it would make (gpu_gb_foreach). Rank 0
+alone reads the checkpoint in fp32 (4 bytes a parameter of host memory).
 """
 import argparse
 import json
@@ -34,6 +35,7 @@ def rows():
         micro = {n: min(m["micro"], BATCH // n) for n in GPUS}
         out.append({"model": name, "parameters_B": total / 1e9, "host_gb_rank0": 4 * total / GB,
                     "gpu_gb": {str(n): per_gpu(dict(m, micro=micro[n]), n) for n in GPUS},
+                    "gpu_gb_foreach": {str(n): per_gpu(dict(m, micro=micro[n]), n, foreach=True) for n in GPUS},
                     "foreach_temporary_gb": {str(n): 4 * total / n / GB for n in GPUS if n > 1},
                     "micro_batch": {str(n): micro[n] for n in GPUS},
                     "generation_weights_gb_per_gpu": {f"TP={tp}": 2 * total / tp / GB for tp in (1, 2, 4)}})

@@ -52,8 +52,8 @@ def recipe_memory(m, tokens=1024):
     """GB of one training process holding the whole model (GPUS=1), bf16 (FSDP2, a group of one), gradient
     checkpointing, at the two peaks of a step: a micro-batch's forward/backward after the first (the earlier
     micro-batches' gradients, the optimizer state and the gathered bf16 groups all alive), and the optimizer step
-    (train_sppo steps one tensor at a time in one process, so its temporary is the largest tensor's; torch's default
-    on a GPU, foreach, would make one the size of the whole optimizer state: 4 bytes a parameter more)."""
+    (train_sppo steps one tensor at a time, so its temporary is the largest tensor's; torch's default on a GPU,
+    foreach, would make one the size of the whole optimizer state: 4 bytes a parameter more)."""
     linear = m["L"] * linear_params(m)
     embed = m["V"] * m["H"]
     params = linear + m["L"] * m["norms"] * m["H"] + m["H"] + embed * (1 if m["tied"] else 2)
@@ -96,16 +96,18 @@ def lora_micro_batch(m, card_gb, r=16, tokens=1024):
     return max(fits, default=0)
 
 
-def per_gpu(m, gpus, tokens=1024):
-    """GB on each GPU: GPUS=1 from recipe_memory; under FSDP2 with GPUS > 1 each holds 1/GPUS of the fp32 weights,
-    gradients and RMSprop state, plus the step's foreach temporary (1/GPUS of the state), and as one process the
-    gathered bf16 groups and the same activations."""
+def per_gpu(m, gpus, tokens=1024, foreach=False):
+    """GB on each GPU, the higher of a step's two peaks: under FSDP2 each process holds 1/GPUS of the fp32 weights,
+    gradients and RMSprop state, and as one process the gathered bf16 groups and the same activations in a
+    micro-batch's forward; the optimizer step, which runs after those are freed, adds one temporary of its largest
+    shard (train_sppo.py steps one tensor at a time: 1/GPUS of the embeddings), or with foreach (torch's default on
+    a GPU) 1/GPUS of the whole state's. GPUS=1 is recipe_memory's total."""
     r = recipe_memory(m, tokens)
-    if gpus == 1:
-        return r["total"]
     acts = sum(r[k] for k in ("bf16 root + two layers", "checkpointed layer inputs", "one layer recomputed",
                               "lm_head bf16 + logit chunks"))
-    return 16 * r["parameters (B)"] * 1e9 / gpus / GB + acts
+    params = r["parameters (B)"] * 1e9
+    step = 4 * (params if foreach else m["V"] * m["H"]) / gpus / GB
+    return 12 * params / gpus / GB + max(acts, step)
 
 
 def measure(args, tmp, layers, dtype):

@@ -303,6 +303,30 @@ def test_memory_arithmetic_counts_the_published_parameters():
     assert row["micro_batch"] == {"1": 1, "8": 1, "16": 1, "32": 1}
 
 
+def test_per_gpu_memory_worked_by_hand():
+    """bench_memory.per_gpu for Llama-3-70B over 16 GPUs at micro-batch 1 (2 rows of 1,024 tokens), each term from
+    the config (vocabulary 128,256, hidden 8,192, 80 layers, MLP 28,672, KV width 1,024): the fp32 weights,
+    gradients and RMSprop state sharded (12 bytes a parameter / 16) plus the forward's gathered bf16 groups and
+    activations. The step, one tensor at a time, adds one shard of the embeddings after those are freed, so it is
+    not the peak; with foreach its temporary, 4 bytes a parameter / 16, would be: 16 bytes a parameter / 16."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_cluster_memory as b
+    import bench_memory
+    m, n, gb = dict(b.MODELS["Meta-Llama-3-70B-Instruct"], micro=1), 70_553_706_496, 1e9
+    layer = 8192 * (2 * 8192 + 2 * 1024) + 3 * 8192 * 28672 + 2 * 8192        # linear weights + 2 norms
+    acts = (2 * (2 * 128256 * 8192 + 2 * layer)                                 # bf16 root + two layers
+            + 80 * 2 * 1024 * 8192 * 4                                          # each layer's fp32 input
+            + 8 * 2 * 1024 * 28672 * 2                                          # one layer's MLP recomputed
+            + 2 * 128256 * 8192 + 3 * 2**26)                                    # lm_head bf16 + logit chunks
+    assert bench_memory.per_gpu(m, 16) == pytest.approx((12 * n / 16 + acts) / gb)         # 69.2 GB
+    assert bench_memory.per_gpu(m, 16) < 80  # 2 nodes of 8 x 80 GB hold it, by the arithmetic
+    assert bench_memory.per_gpu(m, 16, foreach=True) == pytest.approx(16 * n / 16 / gb)   # 70.6 GB
+    row = next(r for r in b.rows() if r["model"] == "Meta-Llama-3-70B-Instruct")
+    assert row["gpu_gb"]["16"] == pytest.approx((12 * n / 16 + acts) / gb)
+    for name, r in bench_memory.RECIPES.items():  # one process: recipe_memory's total, whatever the step
+        assert bench_memory.per_gpu(r, 1) == pytest.approx(bench_memory.recipe_memory(r)["total"]), name
+
+
 def test_hardware_arithmetic_worked_by_hand():
     """bench/bench_hardware.py (docs/hardware.md's table) for Mistral-7B on 8 H100s, each term worked by hand from
     the published parameter count (7,241,732,096) and the stated assumptions: 20,000 prompts, K = 5, 2048 new tokens,
