@@ -102,7 +102,7 @@ demo-real: setup
 	PYTHON=$(VENV)/bin/python MODEL=$(SMOL)/base OUT=$(SMOL) ITERS=$(ITERS) bash run_loop.sh configs/smollm2-cpu.env
 	$(VENV)/bin/python evaluate.py --prompts examples/smollm2/eval_prompts.jsonl --ranker examples/smollm2/rule.py:score \
 		--models base=$(SMOL)/base $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(SMOL)/iter$(t)/checkpoint) \
-		--baseline base --out $(SMOL)/eval --max-tokens 64 --dtype fp32
+		--baseline base --out $(SMOL)/eval --max-tokens 192 --dtype fp32  # the config's MAX_TOKENS
 	$(VENV)/bin/python examples/smollm2/report.py --run $(SMOL) --last iter$(ITERS)
 
 clean:
