@@ -171,3 +171,15 @@ def test_one_iteration_on_the_real_model(smollm2, tmp_path):
 def torch_equal(a, b):
     import torch
     return torch.equal(a, b)
+
+
+def test_the_rule_counts_a_finished_answer_only_within_its_word_limit():
+    """An answer cut by the demo's token budget may end on a full stop by chance, and is then longer than the rule's
+    100 words: a final full stop is worth exactly the 'finished' term's 1 up to 100 words and nothing past them (the
+    same words otherwise, so the other terms are equal)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples", "smollm2"))
+    import rule
+    prompt = "Describe the ocean."
+    for words, worth in ((100, 1.0), (101, 0.0)):
+        text = " ".join(["water"] * (words - 1) + ["ends"])
+        assert rule.score(prompt, text + ".") - rule.score(prompt, text) == pytest.approx(worth, abs=1e-12), words
