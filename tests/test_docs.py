@@ -21,6 +21,7 @@ from conftest import ROOT
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 # Named in the docs but set or read by nothing here: the variable and why it is named.
 EXTERNAL_VARS = {"ATEN_CPU_CAPABILITY": "read by torch: the CPU kernel family (docs/tests.md, make test-kernels)",
+                 "OMP_NUM_THREADS": "read by torch (OpenMP): a process's threads (docs/troubleshooting.md)",
                  "OPENAI_API_KEY": "read by alpaca_eval's GPT-4 Turbo judge",
                  "WANDB_MODE": "read by wandb (offline: no account, no network)",
                  "FRAC_LEN": "the released code's generate.sh variable (reproducing.md's deviation table)",
