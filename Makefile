@@ -97,12 +97,14 @@ compare: demo
 # judged by a rule written as Python (examples/smollm2/rule.py), then evaluate.py with the same rule on the held-out
 # prompts (greedy answers) and a report with a few answers side by side (docs/real-model.md).
 SMOL ?= runs/smollm2
+# evaluate.py answers within the budget the loop sampled at (the config's MAX_TOKENS, or the environment's)
+SMOL_MAX_TOKENS = $(shell bash -c '. configs/smollm2-cpu.env && echo $$MAX_TOKENS')
 demo-real: setup
 	test -d $(SMOL)/base || $(VENV)/bin/python examples/smollm2/build.py --out $(SMOL)/base
 	PYTHON=$(VENV)/bin/python MODEL=$(SMOL)/base OUT=$(SMOL) ITERS=$(ITERS) bash run_loop.sh configs/smollm2-cpu.env
 	$(VENV)/bin/python evaluate.py --prompts examples/smollm2/eval_prompts.jsonl --ranker examples/smollm2/rule.py:score \
 		--models base=$(SMOL)/base $(foreach t,$(shell seq 1 $(ITERS)),iter$(t)=$(SMOL)/iter$(t)/checkpoint) \
-		--baseline base --out $(SMOL)/eval --max-tokens 192 --dtype fp32  # the config's MAX_TOKENS
+		--baseline base --out $(SMOL)/eval --max-tokens $(SMOL_MAX_TOKENS) --dtype fp32
 	$(VENV)/bin/python examples/smollm2/report.py --run $(SMOL) --last iter$(ITERS)
 
 clean:

@@ -230,7 +230,9 @@ def parser():
     ap.add_argument("--seed-mode", choices=["prompt", "release"], default="prompt")
     ap.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
     ap.add_argument("--shard", default="0/1", help="i/n: this process takes prompts whose position mod n == i")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts (before sharding)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first N prompts (before --limit and sharding; "
+                    "run_loop.sh's SPLIT_PROMPTS gives each iteration the next N_PROMPTS)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts (after --skip, before sharding)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     ap.add_argument("--write-every", type=int, default=1000, help="prompts per engine call; finished ones are saved")
     ap.add_argument("--hf-batch-size", type=int, default=64, help="HF engine: sequences per generate() call")
@@ -252,7 +254,10 @@ def main():
 
     # --- check everything before loading a model
     shard = parse_shard(args.shard)
-    records = load_prompts(args.prompts)[: args.limit]
+    records = load_prompts(args.prompts)
+    if args.skip < 0 or (args.skip and args.skip >= len(records)):
+        raise InputError(f"{args.prompts}: {len(records)} prompts, none left after --skip {args.skip}")
+    records = records[args.skip:][: args.limit]
     records = take_shard(records, shard)
     check_paths([args.prompts], args.out)
     engine = pick_engine(args.engine)

@@ -67,6 +67,14 @@ LOSS=${LOSS:-sppo}
 [ "$LOSS" = sppo ] || SETTINGS="$SETTINGS LOSS"   # runs made before --loss existed were all sppo
 LORA_R=${LORA_R:-0} LORA_ALPHA=${LORA_ALPHA:-16} LORA_DROPOUT=${LORA_DROPOUT:-0} LORA_TARGETS=${LORA_TARGETS:-all-linear}
 [ "$LORA_R" = 0 ] || SETTINGS="$SETTINGS LORA_R LORA_ALPHA LORA_DROPOUT LORA_TARGETS"   # and before LoRA, none had it
+SPLIT_PROMPTS=${SPLIT_PROMPTS:-0}
+[ "$SPLIT_PROMPTS" = 0 ] || SETTINGS="$SETTINGS SPLIT_PROMPTS"   # (the same: earlier runs did not split)
+case "$SPLIT_PROMPTS" in
+    0) ;;
+    1) [[ ${N_PROMPTS-} =~ ^[1-9][0-9]*$ ]] || {
+        echo "run_loop: SPLIT_PROMPTS=1 needs N_PROMPTS, the prompts of each iteration; got '${N_PROMPTS-}'" >&2; exit 2; } ;;
+    *) echo "run_loop: SPLIT_PROMPTS is 0 or 1; got '$SPLIT_PROMPTS'" >&2; exit 2 ;;
+esac
 [ "$BATCH_INVARIANT" = 0 ] || SETTINGS="$SETTINGS BATCH_INVARIANT"   # (likewise: runs made before it had it off)
 mkdir -p "$OUT"
 # One loop per OUT: the lock is held by this shell and inherited by its stages, so a second loop started
@@ -233,10 +241,11 @@ for ((t = 1; t <= ITERS; t++)); do
     LOGS=$dir/logs
     mkdir -p "$LOGS"
     prompts=${PROMPTS//\{iter\}/$t}   # e.g. UCLA-AGI/data-mistral-7b-instruct-sppo-iter{iter}
+    SKIP=(); [ "$SPLIT_PROMPTS" = 0 ] || SKIP=(--skip $(( (t - 1) * N_PROMPTS )))   # disjoint parts of one file
 
     # 1. y_1..y_K ~ pi_t(.|x) for every prompt x
     sharded generate "$dir/generated.jsonl" "$TP" "$prompts" \
-        "${GEN_ENV[@]}" "$PYTHON" generate.py --model "$model" --prompts "$prompts" ${N_PROMPTS:+--limit "$N_PROMPTS"} \
+        "${GEN_ENV[@]}" "$PYTHON" generate.py --model "$model" --prompts "$prompts" "${SKIP[@]}" ${N_PROMPTS:+--limit "$N_PROMPTS"} \
         --k "$K" --temperature "$TEMPERATURE" --top-p "$TOP_P" --max-tokens "$MAX_TOKENS" \
         --seed "$SEED" --seed-mode "$SEED_MODE" "${TP_ARGS[@]}" ${GEN_ARGS-}
 

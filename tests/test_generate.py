@@ -130,6 +130,23 @@ def test_shards_concatenate_to_the_whole(world, tmp_path, engine):
     assert sorted(parts, key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"])
 
 
+def test_skip_takes_the_next_prompts_with_the_same_answers(world, tmp_path):
+    """--skip 2 --limit 3 answers prompts 3-5 of the file, each as a run from the start answers it (its seed
+    depends on its id, not its position); skipping every prompt is one error line and no output."""
+    ids = [r["id"] for r in read_jsonl(world / "prompts.jsonl")]
+    gen(world, tmp_path / "whole.jsonl", limit=5, k=2)
+    gen(world, tmp_path / "part.jsonl", "--skip", 2, limit=3, k=2)
+    part = read_jsonl(tmp_path / "part.jsonl")
+    assert [r["id"] for r in part] == ids[2:5]
+    assert part == read_jsonl(tmp_path / "whole.jsonl")[2:5]
+    out = tmp_path / "none.jsonl"
+    p = gen(world, out, "--skip", len(ids), limit=3, k=2, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == \
+        f"error: {world / 'prompts.jsonl'}: {len(ids)} prompts, none left after --skip {len(ids)}"
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
 def test_resume_refuses_other_settings(world, tmp_path):
     out = tmp_path / "o.jsonl"
     gen(world, out, limit=4)

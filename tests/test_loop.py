@@ -104,6 +104,28 @@ def test_failing_stage_stops_and_rerun_continues(world, tmp_path):
     assert (out / "iter1" / "checkpoint" / "config.json").exists()
 
 
+def test_split_prompts_gives_each_iteration_the_next_prompts(world, tmp_path):
+    """SPLIT_PROMPTS=1: iteration t answers prompts (t-1)N+1..tN of the one file, as the release's three
+    disjoint splits; the setting is part of the run's settings, so a rerun without it is refused."""
+    ids = [r["id"] for r in read_jsonl(world / "prompts.jsonl")]
+    out = tmp_path / "loop"
+    loop(world, out, SPLIT_PROMPTS="1", N_PROMPTS="4", K="2", MAX_TOKENS="8")
+    assert [[r["id"] for r in read_jsonl(out / f"iter{t}" / "generated.jsonl")] for t in (1, 2)] == [ids[:4], ids[4:8]]
+    p = loop(world, out, check=False, N_PROMPTS="4", K="2", MAX_TOKENS="8")
+    assert p.returncode == 2 and "was made with SPLIT_PROMPTS='1', this run has SPLIT_PROMPTS=None" in p.stderr
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"SPLIT_PROMPTS": "1"}, "SPLIT_PROMPTS=1 needs N_PROMPTS, the prompts of each iteration; got ''"),
+    ({"SPLIT_PROMPTS": "yes"}, "SPLIT_PROMPTS is 0 or 1; got 'yes'")])
+def test_split_prompts_needs_a_count(tmp_path, env, error):
+    """(The release config: its N_PROMPTS is empty, all prompts of each iteration's dataset.)"""
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_loop.sh"), "configs/mistral7b.env"], cwd=ROOT, text=True,
+                       env=dict(os.environ, PYTHON="false", OUT=str(tmp_path / "out"), **env), capture_output=True)
+    assert p.returncode == 2 and p.stderr.strip() == f"run_loop: {error}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_second_loop_on_the_same_out_is_refused(world, tmp_path):
     import fcntl
     out = tmp_path / "loop"
