@@ -82,6 +82,9 @@ def is_memory_error(reason):
 # -----------------------------------------------------------------------------
 # engines: each takes rows [(prompt_ids, seed, max_new_tokens)] and returns [(sampled ids, text, finish_reason)]
 
+VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype -> vLLM's name
+
+
 def vllm_engine(args, seqs_per_call, longest_prompt, context):
     """vLLM, started for a job of calls of up to seqs_per_call sequences whose prompts are at most
     longest_prompt tokens, for a model of `context` tokens. Any failure to start is one InputError, naming the
@@ -92,7 +95,7 @@ def vllm_engine(args, seqs_per_call, longest_prompt, context):
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
     cpu = current_platform.is_cpu()
-    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    dtype = VLLM_DTYPES[args.dtype]
     kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
     if cpu:

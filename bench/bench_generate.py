@@ -35,7 +35,7 @@ import time
 from benchutil import LiveResults, machine, median
 
 import generate  # noqa: E402  (first: it makes torch's CUDA check NVML-based before torch is imported)
-from common import encode_prompt, load_prompts, load_tokenizer  # noqa: E402
+from common import encode_prompt, load_prompts, load_tokenizer, read_jsonl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +150,6 @@ def engines(args, command):
     live.finish()
 
 
-
 def direct_kv_cache_gb(args):
     """The KV cache to give vLLM called directly: on a CPU what generate.py sizes for this job (its longest prompt
     + --max-tokens, K x the prompts), and at least one sequence of the model's whole context, which vLLM's default
@@ -169,7 +168,7 @@ def direct_kv_cache_gb(args):
 
 def run_direct(args, kv_gb):
     """bench/vllm_direct.py as its own process: its JSON line, with the whole process's seconds."""
-    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    dtype = generate.VLLM_DTYPES[args.dtype]
     cmd = [sys.executable, os.path.join(ROOT, "bench", "vllm_direct.py"), "--model", args.model, "--prompts",
            args.prompts, "--n-prompts", str(args.n_prompts), "--k", str(args.k), "--max-tokens", str(args.max_tokens),
            "--dtype", dtype, *(["--kv-cache-gb", str(kv_gb)] if kv_gb else [])]
@@ -191,8 +190,7 @@ def run_ours(args, tmp):
     """generate.py --engine vllm as the loop runs it: its row, and the prompt token ids it wrote."""
     out = os.path.join(tmp, "generated.jsonl")
     row = run_generate(args, out, "vllm")
-    with open(out) as f:
-        records = [json.loads(line) for line in f]
+    records = [r for _, r in read_jsonl(out)]
     stopped = sum(r == "stop" for x in records for r in x["finish_reasons"])
     return {"side": "generate.py", "tokens": row["tokens"], "stopped": stopped, "process_s": row["process_s"],
             "start_and_generate_s": row["generate_s"], "tokens_per_s_process": row["tokens_per_s_process"],

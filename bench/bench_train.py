@@ -100,11 +100,11 @@ def make_pairs(tok, n, lo, hi, seed=0, prompts=None):
     """n (prompt, winner, loser): toy answers cut to a length drawn uniformly from [lo, hi] tokens; the prompts
     are toy questions, or the first n of the JSONL file `prompts` ({"id", "prompt"}: a real model's own)."""
     import world
+    from common import load_prompts
     rng = random.Random(seed)
     if prompts:
         path = prompts
-        with open(path) as f:
-            prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:n]
+        prompts = [r["prompt"] for r in load_prompts(path)][:n]
         if len(prompts) < n:
             raise SystemExit(f"--prompts {path}: {len(prompts)} prompts, --n-prompts asks for {n}")
     out = []
